@@ -1,0 +1,25 @@
+"""Celery settings, read from the environment (the Redis broker carries the task queue).
+
+Why these values: tasks are acknowledged after they run (a killed worker's task is
+redelivered, and the job state machine makes that harmless); one task prefetched at
+a time so a slow job never hides others; the visibility timeout outlives any
+countdown plus a task's longest run, or Redis would redeliver tasks still waiting.
+"""
+
+from __future__ import annotations
+
+import os
+
+broker_url = os.environ.get("SEEDREAM_BROKER_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+result_backend = None
+task_ignore_result = True
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+broker_transport_options = {"visibility_timeout": int(os.environ.get("SEEDREAM_VISIBILITY_TIMEOUT", "3600"))}
+broker_connection_retry_on_startup = True
+task_serializer = "json"
+accept_content = ["json"]
+worker_send_task_events = True
+task_send_sent_event = True
+worker_hijack_root_logger = False

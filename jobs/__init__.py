@@ -1,0 +1,1 @@
+"""The domain of a batch: job and run records, prices, budget, storage, report, CLI."""

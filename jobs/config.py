@@ -1,0 +1,74 @@
+"""Typed settings, built once from the environment (and flags) and passed down.
+
+Every value has a safe default; the API key is a `Secret` that never prints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from jobs.errors import ConfigError
+from jobs.secret import Secret
+from workers.retry import Backoff
+
+DEFAULT_API_BASE = "https://api.atlascloud.ai/api/v1"
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds for each phase of every HTTP call: nothing waits forever."""
+
+    connect: float = 5.0
+    read: float = 30.0
+    write: float = 30.0
+    pool: float = 10.0
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    """Where the service is, how to authenticate, and how patient to be with it."""
+
+    api_key: Secret = field(default_factory=lambda: Secret(""))
+    api_base: str = DEFAULT_API_BASE
+    balance_url: str = ""
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    read_retry: Backoff = field(default_factory=Backoff)
+    max_output_bytes: int = 64 * 1024 * 1024
+    max_redirects: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.api_key, str):
+            object.__setattr__(self, "api_key", Secret(self.api_key))
+        parts = urlsplit(self.api_base)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"ATLASCLOUD_API_BASE must be an http(s) URL, got {self.api_base!r}")
+        object.__setattr__(self, "api_base", self.api_base.rstrip("/"))
+        if not self.balance_url:
+            object.__setattr__(self, "balance_url", f"{parts.scheme}://{parts.netloc}/public/v1/balance")
+
+    @property
+    def api_host(self) -> str:
+        return urlsplit(self.api_base).netloc
+
+    def with_(self, **changes: Any) -> AtlasConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AtlasConfig:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "api_key": Secret(env.get("ATLASCLOUD_API_KEY", "")),
+            "api_base": env.get("ATLASCLOUD_API_BASE", DEFAULT_API_BASE),
+            "balance_url": env.get("ATLASCLOUD_BALANCE_URL", ""),
+        }
+        if "SEEDREAM_MAX_OUTPUT_MB" in env:
+            values["max_output_bytes"] = int(float(env["SEEDREAM_MAX_OUTPUT_MB"]) * 1024 * 1024)
+        if "SEEDREAM_HTTP_TIMEOUT" in env:
+            t = float(env["SEEDREAM_HTTP_TIMEOUT"])
+            values["timeouts"] = Timeouts(connect=min(t, 10.0), read=t, write=t, pool=t)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

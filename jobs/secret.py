@@ -1,0 +1,38 @@
+"""A value that never shows itself in a repr, str, log line or exception."""
+
+from __future__ import annotations
+
+
+class Secret:
+    """Holds an API key; only `reveal()` gives it back, and only the HTTP layer calls it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def fingerprint(self) -> str:
+        """A short stable tag for keying shared limits per key without storing the key."""
+        import hashlib
+
+        return hashlib.sha256(self._value.encode()).hexdigest()[:16]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret is not pickled: pass settings by environment")

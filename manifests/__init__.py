@@ -1,0 +1,1 @@
+"""Reading and validating manifests (CSV, JSONL) before anything is spent."""

@@ -1,0 +1,1 @@
+"""A local stand-in for Atlas Cloud's image API, over real HTTP, quirks and faults included."""

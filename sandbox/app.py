@@ -1,0 +1,292 @@
+"""The sandbox's HTTP surface: Atlas's routes (`/api/v1/...`, `/public/v1/balance`),
+the files it serves, and a separate admin area (`/_sandbox/...`) for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from sandbox.catalogue import models_payload
+from sandbox.render import render
+from sandbox.service import ApiError, SandboxPrediction, Service
+from sandbox.settings import SandboxSettings
+
+_RENDER_CACHE_SIZE = 256
+
+
+class _Dropped(Exception):
+    """Raised after the response started, so the server closes the connection mid-answer."""
+
+
+class _DroppedFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _Dropped) and "_Dropped" not in record.getMessage()
+
+
+class DropAfterHeaders:
+    """An answer that starts (status line, headers) and then loses the connection."""
+
+    def __init__(
+        self, partial: bytes = b"", length: int = 512, content_type: bytes = b"application/json"
+    ) -> None:
+        self.partial, self.length, self.content_type = partial, length, content_type
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", self.content_type),
+                    (b"content-length", str(self.length).encode()),
+                ],
+            }
+        )
+        if self.partial:
+            await send({"type": "http.response.body", "body": self.partial, "more_body": True})
+        raise _Dropped()
+
+
+def _envelope(service: Service, data: Any, status: int = 200, message: str = "success") -> JSONResponse:
+    if status == 200 and service.bare():
+        return JSONResponse(data)
+    return JSONResponse({"code": status, "message": message, "data": data}, status_code=status)
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse(
+        {"code": exc.status, "message": exc.message, "data": None}, status_code=exc.status, headers=headers
+    )
+
+
+def create_app(settings: SandboxSettings | None = None) -> Starlette:
+    service = Service(settings or SandboxSettings())
+    rendered: dict[tuple[str, int], bytes] = {}
+
+    def base(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    async def submit(request: Request) -> Response:
+        try:
+            key = service.authenticate(request.headers.get("authorization"))
+            try:
+                body = await request.json()
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, "request body is not valid JSON") from None
+            pred = service.submit(key, body)
+        except ApiError as exc:
+            return _error(exc)
+        if service.chance(service.settings.faults.drop_submit):
+            service.counts["dropped_submit_answers"] += 1
+            return DropAfterHeaders()  # type: ignore[return-value]
+        return _envelope(service, {"id": pred.id, "status": "created", "model": pred.model.id})
+
+    def owned(request: Request, key: str) -> SandboxPrediction:
+        pred = service.predictions.get(request.path_params["pid"])
+        if pred is None or pred.key != key:
+            raise ApiError(404, "prediction not found")
+        return pred
+
+    async def prediction(request: Request) -> Response:
+        service.counts["polls"] += 1
+        try:
+            key = service.authenticate(request.headers.get("authorization"))
+            service.inject_call_faults("poll")
+            pred = owned(request, key)
+        except ApiError as exc:
+            return _error(exc)
+        view = service.view(pred, base(request))
+        if pred.final and pred.outcome == "failed_5xx":
+            return JSONResponse({"code": 500, "message": "prediction failed", "data": view}, status_code=500)
+        return _envelope(service, view)
+
+    async def upload(request: Request) -> Response:
+        try:
+            service.authenticate(request.headers.get("authorization"))
+            service.inject_call_faults("upload")
+            limit = service.settings.max_upload_bytes
+            async with request.form(max_files=1, max_fields=4, max_part_size=limit + 1) as form:
+                item = form.get("file")
+                if item is None or isinstance(item, str):
+                    raise ApiError(400, "multipart field 'file' is required")
+                data = await item.read()
+                name = (item.filename or "upload.bin").replace("/", "_")[-120:] or "upload.bin"
+                ctype = item.content_type or "application/octet-stream"
+            if len(data) > limit:
+                raise ApiError(413, "file too large")
+        except ApiError as exc:
+            return _error(exc)
+        token = service.store_upload(name, ctype, data)
+        url = f"{base(request)}/files/uploads/{token}/{name}"
+        return _envelope(
+            service, {"download_url": url, "file_name": name, "content_type": ctype, "size": len(data)}
+        )
+
+    async def uploaded_file(request: Request) -> Response:
+        entry = service.uploads.get(request.path_params["token"])
+        if entry is None:
+            return Response(status_code=404)
+        _name, ctype, sha = entry
+        return Response(service.blobs[sha], media_type=ctype)
+
+    async def output_file(request: Request) -> Response:
+        pred = service.predictions.get(request.path_params["pid"])
+        try:
+            index = int(request.path_params["name"].split(".")[0])
+        except ValueError:
+            return Response(status_code=404)
+        if pred is None or not pred.billable or not 0 <= index < pred.n_outputs:
+            return Response(status_code=404)
+        service.counts["output_downloads"] += 1
+        fault = pred.output_faults[index]
+        if fault == "output_404":
+            return Response(status_code=404)
+        if fault == "output_corrupt":
+            return Response(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8, media_type="image/jpeg")
+        cache_key = (pred.id, index)
+        data = rendered.get(cache_key)
+        if data is None:
+            data = await run_in_threadpool(
+                render, service.blobs[pred.inputs[0]], pred.prompt, pred.size, index
+            )
+            if len(rendered) >= _RENDER_CACHE_SIZE:
+                rendered.pop(next(iter(rendered)))
+            rendered[cache_key] = data
+        if fault == "output_slow":
+            await asyncio.sleep(service.settings.slow_output_seconds)
+        if fault == "output_truncated" and index not in pred.truncated_served:
+            pred.truncated_served.add(index)
+            return DropAfterHeaders(data[: len(data) // 2], len(data), b"image/jpeg")  # type: ignore[return-value]
+        return Response(data, media_type="image/jpeg")
+
+    async def history(request: Request) -> Response:
+        try:
+            key = service.authenticate(request.headers.get("authorization"))
+            q = request.query_params
+            page = max(1, int(q.get("no", "1")))
+            size = max(1, min(100, int(q.get("size", "10"))))
+        except ApiError as exc:
+            return _error(exc)
+        except ValueError:
+            return _error(ApiError(400, "no and size must be integers"))
+        items = [p for p in service.predictions.values() if p.key == key]
+        if q.get("model"):
+            items = [p for p in items if p.model.id == q["model"]]
+        if q.get("status"):
+            items = [p for p in items if p.status == q["status"]]
+        if q.get("sessionID"):
+            items = [p for p in items if p.id == q["sessionID"]]
+        items.sort(key=lambda p: p.created, reverse=True)
+        chunk = items[(page - 1) * size : page * size]
+        b = base(request)
+        rows = [
+            {
+                "ID": p.id,
+                "status": p.status,
+                "model": p.model.id,
+                "createdAt": int(p.created),
+                "result": {"outputs": service.view(p, b)["outputs"]},
+            }
+            for p in chunk
+        ]
+        return _envelope(service, {"items": rows, "total": len(items)})
+
+    async def models(request: Request) -> Response:
+        return _envelope(service, models_payload(base(request)))
+
+    async def balance(request: Request) -> Response:
+        try:
+            key = service.authenticate(request.headers.get("authorization"))
+        except ApiError as exc:
+            return _error(exc)
+        available = service.available_micros(key) / 1_000_000
+        frozen = service.frozen_micros[key] / 1_000_000
+        return _envelope(service, {"available": available, "cash": available, "bonus": 0, "frozen": frozen})
+
+    # -- admin (tests only; not part of the API) --------------------------------------------
+
+    async def admin_accounting(request: Request) -> Response:
+        return JSONResponse(service.accounting())
+
+    async def admin_config(request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                service.settings.update(json.loads(await request.body() or b"{}"))
+            except (ValueError, TypeError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(service.settings.to_dict())
+
+    async def admin_reset(request: Request) -> Response:
+        for task in list(service.tasks):
+            task.cancel()
+        body = json.loads(await request.body() or b"{}")
+        fresh = SandboxSettings()
+        try:
+            fresh.update(body.get("settings") or {})
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        service.settings = fresh
+        service.reset()
+        rendered.clear()
+        return JSONResponse({"ok": True})
+
+    async def admin_health(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def admin_prediction(request: Request) -> Response:
+        pred = service.predictions.get(request.path_params["pid"])
+        if pred is None:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return JSONResponse(
+            {
+                "id": pred.id,
+                "status": pred.status,
+                "final": pred.final,
+                "fingerprint": pred.fingerprint,
+                "billable": pred.billable,
+                "output_faults": pred.output_faults,
+                "outcome": pred.outcome,
+            }
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if service.http is not None:
+            await service.http.aclose()
+
+    logging.getLogger("uvicorn.error").addFilter(_DroppedFilter())
+    app = Starlette(
+        routes=[
+            Route("/api/v1/model/generateImage", submit, methods=["POST"]),
+            Route("/api/v1/model/prediction/{pid}", prediction, methods=["GET"]),
+            Route("/api/v1/model/uploadMedia", upload, methods=["POST"]),
+            Route("/api/v1/model/history", history, methods=["GET"]),
+            Route("/api/v1/models", models, methods=["GET"]),
+            Route("/public/v1/balance", balance, methods=["GET"]),
+            Route("/files/uploads/{token}/{name}", uploaded_file, methods=["GET"]),
+            Route("/files/outputs/{pid}/{name}", output_file, methods=["GET"]),
+            Route("/_sandbox/accounting", admin_accounting, methods=["GET"]),
+            Route("/_sandbox/config", admin_config, methods=["GET", "POST"]),
+            Route("/_sandbox/reset", admin_reset, methods=["POST"]),
+            Route("/_sandbox/health", admin_health, methods=["GET"]),
+            Route("/_sandbox/predictions/{pid}", admin_prediction, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    return app

@@ -1,0 +1,222 @@
+"""Edge cases of the client alone (httpx.MockTransport): shapes and failures the sandbox rarely sends."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from jobs.config import AtlasConfig
+from jobs.errors import (
+    AuthError,
+    BadOutput,
+    InvalidResponse,
+    OutcomeUnknown,
+    PaymentRequired,
+    RateLimited,
+    TransientError,
+)
+from tests.conftest import FAST_RETRY
+from workers.atlas import AtlasClient, parse_retry_after
+from workers.prediction import Prediction, State, classify
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client_for(handler: Handler) -> AtlasClient:
+    cfg = AtlasConfig(api_key="sk-edge", api_base="https://api.example.test/api/v1", read_retry=FAST_RETRY)
+    return AtlasClient(cfg, transport=httpx.MockTransport(handler), sleep=lambda s: None)
+
+
+def raising(exc: type[Exception]) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc("boom", request=request)  # type: ignore[call-arg]
+
+    return handler
+
+
+@pytest.mark.parametrize("status", ["completed", "Succeeded", "SUCCESS", " completed "])
+def test_success_spellings(status: str) -> None:
+    assert classify(status) is State.SUCCEEDED
+
+
+@pytest.mark.parametrize("status", ["failed", "ERROR", "timeout", "canceled", "cancelled"])
+def test_failure_spellings(status: str) -> None:
+    assert classify(status) is State.FAILED
+
+
+@pytest.mark.parametrize("status", ["created", "starting", "queued", "processing", "warming-up", None, 7])
+def test_unknown_or_progress_is_running(status: object) -> None:
+    assert classify(status) is State.RUNNING
+
+
+def test_output_shapes_errors_and_price_variants() -> None:
+    single = Prediction.from_body(
+        {"data": {"id": "a", "status": "completed", "output": "https://x/o.png", "price": "0.036"}}
+    )
+    assert single.outputs == ("https://x/o.png",) and single.price_micros == 36_000
+    objs = Prediction.from_body(
+        {"id": "b", "status": "succeeded", "outputs": [{"url": "https://x/1.png"}, {"nope": 1}, 3]}
+    )
+    assert objs.outputs == ("https://x/1.png",)
+    err = Prediction.from_body(
+        {"data": {"id": "c", "status": "failed", "error": {"msg": "nsfw"}, "error_code": 1301}}
+    )
+    assert (err.error, err.error_code) == ("nsfw", "1301")
+    junk = Prediction.from_body(["not", "a", "dict"], fallback_id="z")
+    assert junk.id == "z" and junk.state is State.RUNNING
+    assert Prediction.from_body({"id": "d", "status": "completed", "price": -1}).price_micros is None
+    assert Prediction.from_body({"id": "d", "status": "completed", "price": "NaN"}).price_micros is None
+    long_err = Prediction.from_body({"id": "e", "status": "failed", "error": "x" * 100_000})
+    assert long_err.error is not None and len(long_err.error) < 2100
+
+
+def test_retry_after_as_http_date() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("99999") == 600.0
+
+
+def test_envelope_code_overrides_http_200() -> None:
+    c = client_for(
+        lambda r: httpx.Response(200, json={"code": 401, "message": "token expired", "data": None})
+    )
+    with pytest.raises(AuthError, match="token expired"):
+        c.get_prediction("p1")
+
+
+def test_insufficient_balance_message_on_400_is_payment_required() -> None:
+    c = client_for(
+        lambda r: httpx.Response(400, json={"code": 400, "message": "Insufficient balance, please top up"})
+    )
+    with pytest.raises(PaymentRequired):
+        c.submit("m", {"prompt": "x", "images": ["https://x/a.png"]})
+
+
+def test_submit_accepted_without_id_is_outcome_unknown() -> None:
+    c = client_for(lambda r: httpx.Response(200, json={"code": 200, "data": {"status": "created"}}))
+    with pytest.raises(OutcomeUnknown):
+        c.submit("m", {"prompt": "x", "images": ["https://x/a.png"]})
+
+
+def test_submit_with_garbage_body_is_outcome_unknown() -> None:
+    c = client_for(lambda r: httpx.Response(200, content=b"<html>gateway</html>"))
+    with pytest.raises(OutcomeUnknown):
+        c.submit("m", {"prompt": "x", "images": ["https://x/a.png"]})
+
+
+def test_submit_read_timeout_is_outcome_unknown() -> None:
+    with pytest.raises(OutcomeUnknown):
+        client_for(raising(httpx.ReadTimeout)).submit("m", {"prompt": "x", "images": []})
+
+
+def test_submit_that_never_connected_is_transient() -> None:
+    with pytest.raises(TransientError):
+        client_for(raising(httpx.ConnectError)).submit("m", {"prompt": "x", "images": []})
+
+
+def test_submit_429_is_rate_limited_not_unknown() -> None:
+    c = client_for(lambda r: httpx.Response(429, headers={"Retry-After": "2"}, json={"message": "slow down"}))
+    with pytest.raises(RateLimited) as info:
+        c.submit("m", {"prompt": "x", "images": []})
+    assert info.value.retry_after == 2.0
+
+
+def test_submit_is_sent_once_whatever_happens() -> None:
+    calls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(503, json={"message": "busy"})
+
+    with pytest.raises(OutcomeUnknown):
+        client_for(handler).submit("m", {"prompt": "x", "images": []})
+    assert len(calls) == 1
+    assert json.loads(calls[0].content) == {"model": "m", "prompt": "x", "images": []}
+
+
+def test_poll_with_non_json_is_invalid_response_after_retries() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, content=b"[1, 2]")
+
+    with pytest.raises(InvalidResponse):
+        client_for(handler).get_prediction("p")
+    assert len(calls) == FAST_RETRY.attempts
+
+
+def test_upload_sends_file_name_and_type_multipart() -> None:
+    seen: dict[str, bytes] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = request.read()
+        return httpx.Response(200, json={"data": {"download_url": "https://files.example.test/u/sku.webp"}})
+
+    url = client_for(handler).upload("sku.webp", b"RIFF....WEBP", "image/webp")
+    assert url == "https://files.example.test/u/sku.webp"
+    assert b'name="file"; filename="sku.webp"' in seen["body"] and b"image/webp" in seen["body"]
+
+
+def test_downloads_never_carry_the_api_key() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"data", headers={"content-type": "image/png"})
+
+    client_for(handler).download("https://cdn.example.test/o.png")
+    assert "authorization" not in seen[0].headers
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.5/o.png",
+        "http://localhost:6379/",
+        "file:///etc/passwd",
+        "ftp://x/o.png",
+        "http://[::1]/o.png",
+    ],
+)
+def test_internal_or_odd_output_urls_are_not_fetched(url: str) -> None:
+    calls = []
+    c = client_for(lambda r: calls.append(r) or httpx.Response(200))  # type: ignore[func-returns-value]
+    with pytest.raises(BadOutput):
+        c.download(url)
+    assert calls == []
+
+
+def test_redirect_to_internal_address_is_refused() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"location": "http://127.0.0.1:6379/"})
+
+    with pytest.raises(BadOutput, match="internal"):
+        client_for(handler).download("https://cdn.example.test/o.png")
+
+
+def test_redirect_loop_ends() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(302, headers={"location": str(request.url)})
+
+    with pytest.raises(BadOutput, match="redirects"):
+        client_for(handler).download("https://cdn.example.test/loop.png")
+    assert len(calls) <= 6
+
+
+def test_endless_output_stream_is_cut_at_the_cap() -> None:
+    def endless() -> object:
+        while True:
+            yield b"\0" * 65536
+
+    c = client_for(lambda r: httpx.Response(200, content=endless()))  # type: ignore[arg-type]
+    with pytest.raises(BadOutput, match="cut off"):
+        c.download("https://cdn.example.test/huge.png", max_bytes=1_000_000)

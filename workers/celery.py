@@ -1,0 +1,8 @@
+"""The Celery app: `celery -A workers worker` finds it here."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+app = Celery("seedream_batch")
+app.config_from_object("celeryconfig")
