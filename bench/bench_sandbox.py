@@ -33,9 +33,7 @@ async def _connection(host: str, port: int, paths: list[str], stop: float) -> tu
     while time.monotonic() < stop:
         path = paths[n % len(paths)]
         n += 1
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {KEY['Authorization']}\r\n\r\n".encode()
-        )
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {KEY['Authorization']}\r\n\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         length = 0
         for line in head.split(b"\r\n"):
@@ -55,10 +53,7 @@ async def _hammer(api: str, ids: list[str], duration: float) -> tuple[int, int, 
     paths = [f"{parts.path}/model/prediction/{i}" for i in ids]
     t0 = time.monotonic()
     results = await asyncio.gather(
-        *(
-            _connection(parts.host, parts.port or 80, paths[i:] + paths[:i], t0 + duration)
-            for i in range(CONCURRENCY)
-        )
+        *(_connection(parts.host, parts.port or 80, paths[i:] + paths[:i], t0 + duration) for i in range(CONCURRENCY))
     )
     return sum(r[0] for r in results), sum(r[1] for r in results), time.monotonic() - t0
 

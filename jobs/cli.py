@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
+from jobs.config import Limits
+from jobs.errors import ConfigError
+from jobs.estimate import estimate, render_text
+from jobs.models import ModelTable, usd_to_micros
+from manifests.spec import JobSpec
+from manifests.validate import Result, Validator
 from sandbox.settings import Faults, SandboxSettings
+
+EXIT_INVALID = 2
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,3 +96,112 @@ def sandbox_command(
 
 
 main.add_command(sandbox_command)
+
+manifest_arg = click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+model_opt = click.option("--model", default=None, help="Model for rows without one (default: seedream-v4 edit).")
+format_opt = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default=None,
+    help="Manifest format (default: from the extension).",
+)
+models_file_opt = click.option(
+    "--models-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    envvar="SEEDREAM_MODELS_FILE",
+    help="JSON file overriding the model table.",
+)
+
+
+def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: str | None) -> Validator:
+    try:
+        table = ModelTable.load(models_file, default=model)
+        return Validator(manifest, table, fmt=fmt, model=model)
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _print_problems(result: Result) -> None:
+    for problem in result.problems:
+        click.echo(str(problem), err=True)
+    if result.more_problems:
+        click.echo(f"... and {result.more_problems:,} more problems", err=True)
+
+
+@main.command()
+@manifest_arg
+@model_opt
+@format_opt
+@models_file_opt
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def validate(manifest: Path, model: str | None, fmt: str | None, models_file: str | None, as_json: bool) -> None:
+    """Check every row of MANIFEST (nothing is spent); name each problem's line and field."""
+    result = _validator(manifest, model, fmt, models_file).run()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": result.ok,
+                    "jobs": result.jobs,
+                    "invalid_rows": result.invalid_rows,
+                    "by_model": dict(result.by_model),
+                    "more_problems": result.more_problems,
+                    "problems": [p.__dict__ for p in result.problems],
+                },
+                indent=2,
+            )
+        )
+    elif result.ok:
+        click.echo(f"{result.jobs:,} jobs OK")
+    else:
+        _print_problems(result)
+        count = len(result.problems) + result.more_problems
+        click.echo(f"{manifest}: {count:,} problems; {result.jobs:,} rows are valid; nothing was run", err=True)
+    sys.exit(0 if result.ok else EXIT_INVALID)
+
+
+@main.command("estimate")
+@manifest_arg
+@model_opt
+@format_opt
+@models_file_opt
+@click.option("--budget", default=None, help="Budget in USD: how many jobs fit.")
+@click.option("--rate", type=float, default=None, help="Submits per second (default: SEEDREAM_SUBMIT_RATE).")
+@click.option("--skip-invalid", is_flag=True, help="Estimate the valid rows even if some are invalid.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate_command(
+    manifest: Path,
+    model: str | None,
+    fmt: str | None,
+    models_file: str | None,
+    budget: str | None,
+    rate: float | None,
+    skip_invalid: bool,
+    as_json: bool,
+) -> None:
+    """Cost (exact, per model) and the least time MANIFEST needs, before anything is spent."""
+    validator = _validator(manifest, model, fmt, models_file)
+    try:
+        budget_micros = usd_to_micros(budget) if budget is not None else None
+        limits = Limits.from_env(submit_rate=rate)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = Result()
+
+    def valid_jobs() -> Iterator[JobSpec]:
+        for item in validator.results():
+            if isinstance(item, JobSpec):
+                yield item
+            else:
+                result.invalid_rows += 1 if item and item[0].line else 0
+                result.add(item)
+
+    est = estimate(valid_jobs(), validator.table, budget_micros=budget_micros, rate=limits.submit_rate)
+    if not result.ok:
+        _print_problems(result)
+        if not skip_invalid:
+            click.echo(f"{manifest}: {result.invalid_rows:,} invalid rows; fix them or pass --skip-invalid", err=True)
+            sys.exit(EXIT_INVALID)
+    click.echo(json.dumps(est.to_dict(), indent=2) if as_json else render_text(est))

@@ -72,3 +72,42 @@ class AtlasConfig:
             values["timeouts"] = Timeouts(connect=min(t, 10.0), read=t, write=t, pool=t)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The service's limits for one API key, shared by every worker (safe defaults)."""
+
+    submit_rate: float = 2.0  # submits per second
+    submit_burst: int = 1
+    poll_rate: float = 20.0
+    upload_rate: float = 5.0
+    max_in_flight: int = 16
+    slot_lease_seconds: float = 120.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Limits:
+        env = os.environ if env is None else env
+        names = {
+            "submit_rate": ("SEEDREAM_SUBMIT_RATE", float),
+            "submit_burst": ("SEEDREAM_SUBMIT_BURST", int),
+            "poll_rate": ("SEEDREAM_POLL_RATE", float),
+            "upload_rate": ("SEEDREAM_UPLOAD_RATE", float),
+            "max_in_flight": ("SEEDREAM_MAX_IN_FLIGHT", int),
+            "slot_lease_seconds": ("SEEDREAM_SLOT_LEASE", float),
+        }
+        values: dict[str, Any] = {}
+        for attr, (var, kind) in names.items():
+            if var in env:
+                try:
+                    values[attr] = kind(env[var])
+                except ValueError:
+                    raise ConfigError(f"{var}={env[var]!r} is not a number") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        limits = cls(**values)
+        for attr in ("submit_rate", "poll_rate", "upload_rate", "slot_lease_seconds"):
+            if getattr(limits, attr) <= 0:
+                raise ConfigError(f"{attr} must be positive")
+        if limits.submit_burst < 1 or limits.max_in_flight < 1:
+            raise ConfigError("submit_burst and max_in_flight must be at least 1")
+        return limits

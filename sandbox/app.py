@@ -39,9 +39,7 @@ class _DroppedFilter(logging.Filter):
 class DropAfterHeaders:
     """An answer that starts (status line, headers) and then loses the connection."""
 
-    def __init__(
-        self, partial: bytes = b"", length: int = 512, content_type: bytes = b"application/json"
-    ) -> None:
+    def __init__(self, partial: bytes = b"", length: int = 512, content_type: bytes = b"application/json") -> None:
         self.partial, self.length, self.content_type = partial, length, content_type
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,9 +130,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             return _error(exc)
         token = service.store_upload(name, ctype, data)
         url = f"{base(request)}/files/uploads/{token}/{name}"
-        return _envelope(
-            service, {"download_url": url, "file_name": name, "content_type": ctype, "size": len(data)}
-        )
+        return _envelope(service, {"download_url": url, "file_name": name, "content_type": ctype, "size": len(data)})
 
     async def uploaded_file(request: Request) -> Response:
         entry = service.uploads.get(request.path_params["token"])
@@ -160,9 +156,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
         cache_key = (pred.id, index)
         data = rendered.get(cache_key)
         if data is None:
-            data = await run_in_threadpool(
-                render, service.blobs[pred.inputs[0]], pred.prompt, pred.size, index
-            )
+            data = await run_in_threadpool(render, service.blobs[pred.inputs[0]], pred.prompt, pred.size, index)
             if len(rendered) >= _RENDER_CACHE_SIZE:
                 rendered.pop(next(iter(rendered)))
             rendered[cache_key] = data

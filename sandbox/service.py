@@ -272,9 +272,7 @@ class Service:
         pred.inputs = hashes
         fp_source = {k: v for k, v in pred.params.items() if k != "images"}
         fp_source.update(model=pred.model.id, inputs=hashes)
-        pred.fingerprint = hashlib.sha256(
-            json.dumps(fp_source, sort_keys=True, default=str).encode()
-        ).hexdigest()
+        pred.fingerprint = hashlib.sha256(json.dumps(fp_source, sort_keys=True, default=str).encode()).hexdigest()
         self.by_fingerprint[pred.fingerprint] += 1
         pred.status = pred.in_progress_label
         remaining = pred.delay - (time.monotonic() - started)

@@ -20,9 +20,7 @@ def image_bytes(
     return buf.getvalue()
 
 
-def wait_for(
-    condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = "condition"
-) -> T:
+def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll `condition` until it returns something truthy; fail the test at the deadline."""
     deadline = time.monotonic() + timeout
     while True:

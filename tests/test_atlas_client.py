@@ -37,9 +37,7 @@ def finished(client: AtlasClient, pid: str) -> Prediction:
     return wait_for(lambda: (p := client.get_prediction(pid)).done and p, what=f"prediction {pid}")
 
 
-def test_round_trip_gives_an_image_of_the_requested_size(
-    client: AtlasClient, sandbox: SandboxProcess
-) -> None:
+def test_round_trip_gives_an_image_of_the_requested_size(client: AtlasClient, sandbox: SandboxProcess) -> None:
     url = client.upload("sku-001.png", image_bytes(80, 60), "image/png")
     assert url.endswith("/sku-001.png")  # the extension is kept: the service classifies by it
     sub = client.submit(V45, {"prompt": "same product on white marble", "images": [url], "size": "2048*2048"})
@@ -96,9 +94,7 @@ def test_in_flight_limit_is_enforced(client: AtlasClient, sandbox: SandboxProces
     assert sandbox.accounting()["rejected_in_flight"] == 1
 
 
-def test_plain_5xx_on_submit_is_outcome_unknown_never_retried(
-    client: AtlasClient, sandbox: SandboxProcess
-) -> None:
+def test_plain_5xx_on_submit_is_outcome_unknown_never_retried(client: AtlasClient, sandbox: SandboxProcess) -> None:
     url = client.upload("a.png", image_bytes(), "image/png")
     sandbox.configure(faults={"server_error": 1.0})
     with pytest.raises(OutcomeUnknown):
@@ -114,27 +110,21 @@ def test_plain_5xx_on_poll_is_retried_then_transient(client: AtlasClient, sandbo
     assert sandbox.accounting()["polls"] == 4  # FAST_RETRY.attempts
 
 
-def test_intermittent_5xx_and_429_on_poll_are_ridden_out(
-    client: AtlasClient, sandbox: SandboxProcess
-) -> None:
+def test_intermittent_5xx_and_429_on_poll_are_ridden_out(client: AtlasClient, sandbox: SandboxProcess) -> None:
     pid = submit_one(client)
     sandbox.configure(seed=3, faults={"server_error": 0.3, "rate_limited": 0.2}, fault_retry_after=0)
     for _ in range(10):
         assert client.get_prediction(pid).id == pid
 
 
-def test_failed_prediction_is_final_with_message_and_not_billed(
-    client: AtlasClient, sandbox: SandboxProcess
-) -> None:
+def test_failed_prediction_is_final_with_message_and_not_billed(client: AtlasClient, sandbox: SandboxProcess) -> None:
     sandbox.configure(faults={"failed": 1.0})
     pred = finished(client, submit_one(client))
     assert pred.state is State.FAILED and pred.error and "could not process" in pred.error
     assert sandbox.accounting()["billed_micros"] == 0
 
 
-def test_5xx_carrying_a_failed_verdict_is_an_answer_not_an_outage(
-    client: AtlasClient, sandbox: SandboxProcess
-) -> None:
+def test_5xx_carrying_a_failed_verdict_is_an_answer_not_an_outage(client: AtlasClient, sandbox: SandboxProcess) -> None:
     sandbox.configure(faults={"failed_5xx": 1.0})
     pid = submit_one(client)
     wait_for(lambda: sandbox.admin("GET", f"predictions/{pid}")["final"], what="final")
@@ -188,9 +178,7 @@ def test_slow_output_arrives_with_a_patient_client(client: AtlasClient, sandbox:
     inspect(client.download(pred.outputs[0]).content)
 
 
-def test_truncated_output_transfer_is_retried_and_complete(
-    client: AtlasClient, sandbox: SandboxProcess
-) -> None:
+def test_truncated_output_transfer_is_retried_and_complete(client: AtlasClient, sandbox: SandboxProcess) -> None:
     sandbox.configure(faults={"output_truncated": 1.0})
     pred = finished(client, submit_one(client))
     data = client.download(pred.outputs[0]).content

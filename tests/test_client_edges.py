@@ -61,9 +61,7 @@ def test_output_shapes_errors_and_price_variants() -> None:
         {"id": "b", "status": "succeeded", "outputs": [{"url": "https://x/1.png"}, {"nope": 1}, 3]}
     )
     assert objs.outputs == ("https://x/1.png",)
-    err = Prediction.from_body(
-        {"data": {"id": "c", "status": "failed", "error": {"msg": "nsfw"}, "error_code": 1301}}
-    )
+    err = Prediction.from_body({"data": {"id": "c", "status": "failed", "error": {"msg": "nsfw"}, "error_code": 1301}})
     assert (err.error, err.error_code) == ("nsfw", "1301")
     junk = Prediction.from_body(["not", "a", "dict"], fallback_id="z")
     assert junk.id == "z" and junk.state is State.RUNNING
@@ -81,17 +79,13 @@ def test_retry_after_as_http_date() -> None:
 
 
 def test_envelope_code_overrides_http_200() -> None:
-    c = client_for(
-        lambda r: httpx.Response(200, json={"code": 401, "message": "token expired", "data": None})
-    )
+    c = client_for(lambda r: httpx.Response(200, json={"code": 401, "message": "token expired", "data": None}))
     with pytest.raises(AuthError, match="token expired"):
         c.get_prediction("p1")
 
 
 def test_insufficient_balance_message_on_400_is_payment_required() -> None:
-    c = client_for(
-        lambda r: httpx.Response(400, json={"code": 400, "message": "Insufficient balance, please top up"})
-    )
+    c = client_for(lambda r: httpx.Response(400, json={"code": 400, "message": "Insufficient balance, please top up"}))
     with pytest.raises(PaymentRequired):
         c.submit("m", {"prompt": "x", "images": ["https://x/a.png"]})
 

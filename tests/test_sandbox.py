@@ -30,14 +30,9 @@ def test_api_needs_a_bearer_key(sandbox: SandboxProcess, path: str) -> None:
 
 
 def test_admin_refuses_unknown_settings_and_faults(sandbox: SandboxProcess) -> None:
-    assert (
-        httpx.post(f"{sandbox.url}/_sandbox/config", json={"faults": {"nope": 1}}, timeout=5).status_code
-        == 400
-    )
+    assert httpx.post(f"{sandbox.url}/_sandbox/config", json={"faults": {"nope": 1}}, timeout=5).status_code == 400
     assert httpx.post(f"{sandbox.url}/_sandbox/config", json={"wat": 1}, timeout=5).status_code == 400
-    assert (
-        httpx.post(f"{sandbox.url}/_sandbox/config", json={"delay": "gauss:1"}, timeout=5).status_code == 400
-    )
+    assert httpx.post(f"{sandbox.url}/_sandbox/config", json={"delay": "gauss:1"}, timeout=5).status_code == 400
 
 
 def test_nested_input_shape_is_accepted_by_the_service(sandbox: SandboxProcess) -> None:
@@ -74,9 +69,7 @@ def test_prediction_stays_in_progress_for_its_delay(sandbox: SandboxProcess) -> 
     assert first["status"] in {"created", "queued", "starting", "processing"} and first["outputs"] == []
     wait_for(
         lambda: (
-            httpx.get(f"{sandbox.api_base}/model/prediction/{pid}", headers=AUTH, timeout=5).json()["data"][
-                "status"
-            ]
+            httpx.get(f"{sandbox.api_base}/model/prediction/{pid}", headers=AUTH, timeout=5).json()["data"]["status"]
             == "completed"
         ),
         what="completion",

@@ -264,9 +264,7 @@ class AtlasClient:
         op = f"upload {filename}"
 
         def once() -> str:
-            body = self._api_call(
-                "POST", "/model/uploadMedia", op, files={"file": (filename, content, content_type)}
-            )
+            body = self._api_call("POST", "/model/uploadMedia", op, files={"file": (filename, content, content_type)})
             url = unwrap(body).get("download_url")
             if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                 raise InvalidResponse(f"{op}: no download_url in the answer")
@@ -291,9 +289,7 @@ class AtlasClient:
             params["status"] = status
         if session_id:
             params["sessionID"] = session_id
-        body = self._retrying(
-            lambda: self._api_call("GET", "/model/history", "history", params=params), "history"
-        )
+        body = self._retrying(lambda: self._api_call("GET", "/model/history", "history", params=params), "history")
         data = unwrap(body)
         items = data.get("items")
         return {"items": items if isinstance(items, list) else [], "total": data.get("total")}
@@ -309,11 +305,7 @@ class AtlasClient:
         body = self._retrying(lambda: self._api_call("GET", self.config.balance_url, "balance"), "balance")
         data = unwrap(body)
         available = data.get("available")
-        value = (
-            float(available)
-            if isinstance(available, int | float) and not isinstance(available, bool)
-            else None
-        )
+        value = float(available) if isinstance(available, int | float) and not isinstance(available, bool) else None
         return Balance(available=value, raw=data)
 
     # -- files ---------------------------------------------------------------------------
@@ -375,11 +367,6 @@ def _read_capped(response: httpx.Response, cap: int, *, what: str = "answer") ->
 
 def _safe_segment(value: str) -> str:
     """A prediction id from the service goes into a URL path: keep it one safe segment."""
-    if (
-        not value
-        or len(value) > 200
-        or not all(c.isalnum() or c in "-_." for c in value)
-        or value in (".", "..")
-    ):
+    if not value or len(value) > 200 or not all(c.isalnum() or c in "-_." for c in value) or value in (".", ".."):
         raise BadRequest(f"refusing an unsafe prediction id {clip(value, 60)!r}")
     return value

@@ -27,9 +27,7 @@ class Backoff:
     multiplier: float = 2.0
     jitter: float = 1.0  # fraction of the delay drawn at random: 1.0 is "full jitter"
 
-    def delay(
-        self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None
-    ) -> float:
+    def delay(self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed try number `attempt` (1-based); honours Retry-After."""
         base = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
         r = (rng or random).random()

@@ -24,14 +24,7 @@ def _is_internal(host: str) -> bool:
         ip = ipaddress.ip_address(h)
     except ValueError:
         return False
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    )
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified
 
 
 def check_fetchable(url: str, *, trusted_hosts: frozenset[str]) -> str:

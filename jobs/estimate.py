@@ -1,0 +1,101 @@
+"""What a manifest will cost and how long it must take, before anything is spent.
+
+Sums are integer micro-dollars, so totals are exact. "Fits in the budget" follows
+what the runner does: rows in manifest order, each reserved if it still fits,
+a more expensive row refused while a cheaper later one may still fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.models import ModelTable, micros_to_usd
+from manifests.spec import JobSpec
+
+
+@dataclass
+class Estimate:
+    jobs: int = 0
+    by_model: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> {jobs, price, cost}
+    total_micros: int = 0
+    budget_micros: int | None = None
+    fit_jobs: int | None = None
+    fit_micros: int | None = None
+    rate: float | None = None
+
+    @property
+    def min_seconds(self) -> float | None:
+        """The least wall time the submit rate allows (every job waits for a submit token)."""
+        return self.jobs / self.rate if self.rate else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "by_model": {
+                m: {
+                    **v,
+                    "price_usd": micros_to_usd(v["price_micros"]),
+                    "cost_usd": micros_to_usd(v["cost_micros"]),
+                }
+                for m, v in self.by_model.items()
+            },
+            "total_micros": self.total_micros,
+            "total_usd": micros_to_usd(self.total_micros),
+            "budget_usd": None if self.budget_micros is None else micros_to_usd(self.budget_micros),
+            "jobs_within_budget": self.fit_jobs,
+            "cost_within_budget_usd": None if self.fit_micros is None else micros_to_usd(self.fit_micros),
+            "submit_rate_per_s": self.rate,
+            "min_seconds": self.min_seconds,
+        }
+
+
+def estimate(
+    jobs: Iterable[JobSpec], table: ModelTable, *, budget_micros: int | None = None, rate: float | None = None
+) -> Estimate:
+    est = Estimate(budget_micros=budget_micros, rate=rate)
+    spent = fit = 0
+    for job in jobs:
+        spec = table.models[job.model]
+        row = est.by_model.setdefault(job.model, {"jobs": 0, "price_micros": spec.price_micros, "cost_micros": 0})
+        row["jobs"] += 1
+        row["cost_micros"] += spec.price_micros
+        est.jobs += 1
+        est.total_micros += spec.price_micros
+        if budget_micros is not None and spent + spec.price_micros <= budget_micros:
+            spent += spec.price_micros
+            fit += 1
+    if budget_micros is not None:
+        est.fit_jobs, est.fit_micros = fit, spent
+    return est
+
+
+def format_duration(seconds: float) -> str:
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{seconds:.1f}s")
+
+
+def render_text(est: Estimate) -> str:
+    lines = [f"{'model':34} {'jobs':>8} {'price':>8} {'cost':>12}"]
+    for model, row in sorted(est.by_model.items()):
+        lines.append(
+            f"{model:34} {row['jobs']:>8,} {'$' + micros_to_usd(row['price_micros']):>8} "
+            f"{'$' + micros_to_usd(row['cost_micros']):>12}"
+        )
+    lines.append(f"{'total':34} {est.jobs:>8,} {'':>8} {'$' + micros_to_usd(est.total_micros):>12}")
+    if est.budget_micros is not None:
+        verdict = (
+            "the whole batch fits"
+            if est.fit_jobs == est.jobs
+            else (
+                f"{est.fit_jobs:,} of {est.jobs:,} jobs fit (${micros_to_usd(est.fit_micros or 0)}); "
+                f"the rest would be skipped"
+            )
+        )
+        lines.append(f"budget ${micros_to_usd(est.budget_micros)}: {verdict}")
+    if est.min_seconds is not None:
+        lines.append(f"at {est.rate:g} submits/s the batch needs at least {format_duration(est.min_seconds)}")
+    return "\n".join(lines)

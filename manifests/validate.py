@@ -1,0 +1,384 @@
+"""Validation of every manifest row before anything is spent.
+
+Every problem is reported, not just the first, each with file, line and field.
+The reader streams, so a million-row manifest is checked in bounded memory (the
+set of ids seen, kept as 8-byte digests, is the only thing that grows).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from jobs.images import NotAnImage, inspect
+from jobs.models import RESERVED_PARAMS, UNSUPPORTED_PARAMS, ModelSpec, ModelTable
+from manifests.reader import Header, RawRow, detect_format, read_rows
+from manifests.spec import ImageRef, JobSpec, Problem
+
+KNOWN_COLUMNS = ("id", "prompt", "images", "model", "size", "params")
+REQUIRED_COLUMNS = ("id", "prompt", "images")
+# Report columns a metadata column may not shadow.
+REPORT_COLUMNS = {"status", "prediction_id", "outputs", "cost_usd", "attempts", "error"}
+ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
+MAX_IMAGE_BYTES = 10 * 1024 * 1024
+MIN_SIDE = 15  # each side must be more than 14 px
+MAX_PROMPT = 10_000
+MAX_PROBLEMS_KEPT = 1000
+PARAM_TYPES: dict[str, type | tuple[type, ...]] = {"seed": int, "max_images": int, "watermark": bool}
+
+
+@dataclass
+class Result:
+    """The outcome of a whole pass: counts, the problems (the first 1000), jobs per model."""
+
+    jobs: int = 0
+    invalid_rows: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    more_problems: int = 0
+    by_model: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.more_problems
+
+    def add(self, problems: list[Problem]) -> None:
+        room = MAX_PROBLEMS_KEPT - len(self.problems)
+        self.problems.extend(problems[:room])
+        self.more_problems += max(0, len(problems) - room)
+
+
+class Validator:
+    """Checks one manifest; file checks are cached so a photo used by many rows is read once."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        table: ModelTable,
+        *,
+        fmt: str | None = None,
+        model: str | None = None,
+        check_files: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        self.table = table
+        self.default_model = model or table.default
+        self.check_files = check_files
+        self.fmt = detect_format(self.path, fmt)
+        self._file_checks: dict[str, str | None] = {}
+
+    def results(self) -> Iterator[JobSpec | list[Problem]]:
+        """Each row as a JobSpec or the list of its problems; file-level problems as lists too."""
+        if not self.path.is_file():
+            yield [Problem(self.name, 0, None, "file not found")]
+            return
+        seen: dict[bytes, int] = {}
+        columns: dict[str, str] = {}
+        any_row = False
+        for item in read_rows(self.path, self.fmt):
+            if isinstance(item, Problem):
+                any_row = any_row or item.line == 0
+                yield [item]
+                continue
+            if isinstance(item, Header):
+                columns, header_problems = self._header(item)
+                if header_problems:
+                    yield header_problems
+                    if any(p.field in REQUIRED_COLUMNS for p in header_problems):
+                        return  # every row would fail the same way
+                continue
+            any_row = True
+            yield self._row(item, columns, seen)
+        if not any_row:
+            yield [Problem(self.name, 0, None, "the manifest has no rows")]
+
+    def run(self) -> Result:
+        result = Result()
+        for item in self.results():
+            if isinstance(item, JobSpec):
+                result.jobs += 1
+                result.by_model[item.model] += 1
+            else:
+                result.invalid_rows += 1 if item and item[0].line else 0
+                result.add(item)
+        return result
+
+    def jobs(self) -> Iterator[JobSpec]:
+        for item in self.results():
+            if isinstance(item, JobSpec):
+                yield item
+
+    # -- header --------------------------------------------------------------------------
+
+    def _header(self, header: Header) -> tuple[dict[str, str], list[Problem]]:
+        problems: list[Problem] = []
+        columns: dict[str, str] = {}
+        seen: set[str] = set()
+        for i, raw in enumerate(header.names, 1):
+            name = raw.strip()
+            key = name.lower()
+            if not name:
+                problems.append(Problem(self.name, header.line, f"column {i}", "the column has no name"))
+                continue
+            if key in seen:
+                problems.append(Problem(self.name, header.line, name, "the column appears twice"))
+                continue
+            seen.add(key)
+            if key in KNOWN_COLUMNS:
+                columns[raw] = key
+            else:
+                problem = self._unknown_key(name, header.line)
+                if problem:
+                    problems.append(problem)
+                columns[raw] = name
+        for required in REQUIRED_COLUMNS:
+            if required not in columns.values():
+                problems.append(Problem(self.name, header.line, required, "required column is missing"))
+        return columns, problems
+
+    def _unknown_key(self, name: str, line: int) -> Problem | None:
+        """Metadata is welcome, but a near-miss of a known column is a typo, and report names are taken."""
+        key = name.lower()
+        if key in REPORT_COLUMNS:
+            return Problem(self.name, line, name, "is a column of the report; rename this metadata column")
+        close = difflib.get_close_matches(key, KNOWN_COLUMNS, n=1, cutoff=0.75)
+        if close:
+            return Problem(self.name, line, name, f"unknown column: did you mean {close[0]!r}?")
+        if not all(c.isprintable() for c in name) or len(name) > 64:
+            return Problem(self.name, line, name[:64], "metadata column names must be printable, ≤ 64 chars")
+        return None
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def _row(self, row: RawRow, columns: dict[str, str], seen: dict[bytes, int]) -> JobSpec | list[Problem]:
+        problems = list(row.problems)
+        line = row.line
+        if problems and not row.fields:
+            return problems
+        fields: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+        if self.fmt == "csv":
+            for raw_name, value in row.fields.items():
+                name = columns.get(raw_name, raw_name)
+                (fields if name in KNOWN_COLUMNS else metadata)[name] = value
+            if all(not str(v).strip() for v in row.fields.values()):
+                return [*problems, Problem(self.name, line, None, "empty row")]
+        else:
+            for name, value in row.fields.items():
+                key = name.lower() if isinstance(name, str) else name
+                if key in KNOWN_COLUMNS:
+                    fields[key] = value
+                elif key == "metadata" and isinstance(value, dict):
+                    metadata.update(value)
+                else:
+                    problem = self._unknown_key(str(name), line)
+                    if problem:
+                        problems.append(problem)
+                    metadata[name] = value
+            if not row.fields:
+                return [*problems, Problem(self.name, line, None, "empty row")]
+            for required in REQUIRED_COLUMNS:
+                if required not in fields:
+                    problems.append(Problem(self.name, line, required, "is missing"))
+        p = lambda fld, msg: problems.append(Problem(self.name, line, fld, msg))  # noqa: E731
+
+        job_id = fields.get("id")
+        if isinstance(job_id, int) and not isinstance(job_id, bool):
+            job_id = str(job_id)
+        if not isinstance(job_id, str) or not job_id.strip():
+            if "id" in fields:
+                p("id", "is empty")
+        elif not ID_PATTERN.fullmatch(job_id) or set(job_id) == {"."}:
+            p("id", f"{_show(job_id)} is not a safe id: use letters, digits, '.', '_', '-' (at most 128)")
+        else:
+            digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
+            first = seen.setdefault(digest, line)
+            if first != line:
+                p("id", f"duplicate id {job_id!r} (first on line {first})")
+
+        prompt = fields.get("prompt")
+        if "prompt" in fields and (not isinstance(prompt, str) or not prompt.strip()):
+            p("prompt", "is blank" if isinstance(prompt, str) or prompt is None else "must be text")
+        elif isinstance(prompt, str) and len(prompt) > MAX_PROMPT:
+            p("prompt", f"is longer than {MAX_PROMPT:,} characters")
+
+        model_id = fields.get("model")
+        if model_id is None or (isinstance(model_id, str) and not model_id.strip()):
+            model_id = self.default_model
+        spec = self.table.get(model_id) if isinstance(model_id, str) else None
+        if spec is None:
+            known = ", ".join(sorted(self.table.models))
+            p("model", f"unknown model {_show(model_id)}; known: {known}")
+
+        images, n_images = self._images(fields.get("images"), line, problems) if "images" in fields else ((), 0)
+        size = self._size(fields.get("size"), spec, line, problems)
+        params = self._params(fields.get("params"), spec, n_images, line, problems)
+        if spec is not None and n_images > spec.max_images:
+            p("images", f"has {n_images} images; {spec.id} takes 1 to {spec.max_images}")
+
+        if problems:
+            return problems
+        assert isinstance(job_id, str) and isinstance(prompt, str) and spec is not None
+        return JobSpec(
+            line=line,
+            id=job_id,
+            prompt=prompt,
+            images=images,
+            model=spec.id,
+            size=size,
+            params=params,
+            metadata=metadata,
+        )
+
+    def _images(self, value: Any, line: int, problems: list[Problem]) -> tuple[tuple[ImageRef, ...], int]:
+        if self.fmt == "csv":
+            items: list[Any] = [] if not isinstance(value, str) or not value.strip() else value.split("|")
+        elif isinstance(value, list):
+            items = value
+        else:
+            problems.append(Problem(self.name, line, "images", "must be a list of paths or URLs"))
+            return (), 0
+        if not items:
+            problems.append(Problem(self.name, line, "images", "has no images (1 to 10 are needed)"))
+            return (), 0
+        if len(items) > 50:
+            problems.append(Problem(self.name, line, "images", f"has {len(items)} images; at most 10"))
+            return (), len(items)
+        refs: list[ImageRef] = []
+        for n, item in enumerate(items, 1):
+            fld = f"images[{n}]"
+            if not isinstance(item, str) or not item.strip():
+                problems.append(Problem(self.name, line, fld, "is empty"))
+                continue
+            ref, error = self._image_ref(item.strip())
+            if error:
+                problems.append(Problem(self.name, line, fld, error))
+            elif ref:
+                refs.append(ref)
+        return tuple(refs), len(items)
+
+    def _image_ref(self, text: str) -> tuple[ImageRef | None, str | None]:
+        scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+        if scheme in ("http", "https"):
+            parts = urlsplit(text)
+            if not parts.hostname or any(c.isspace() for c in text):
+                return None, f"{_show(text)} is not a valid URL"
+            return ImageRef("url", text), None
+        if scheme == "s3":
+            bucket, _, key = text[5:].partition("/")
+            if not bucket or not key:
+                return None, f"{_show(text)} must be s3://bucket/key"
+            return ImageRef("s3", text), None
+        if scheme or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])", text):
+            shown = scheme or text.split(":", 1)[0]
+            return None, f"URL scheme {shown!r} is not supported: use http(s)://, s3:// or a local path"
+        path = (self.path.parent / text).resolve()
+        if self.check_files:
+            error = self._check_file(str(path))
+            if error:
+                return None, f"{_show(text)}: {error}"
+        return ImageRef("local", text, str(path)), None
+
+    def _check_file(self, path: str) -> str | None:
+        if path in self._file_checks:
+            return self._file_checks[path]
+        error: str | None = None
+        try:
+            size = os.stat(path).st_size
+            if not os.path.isfile(path):
+                error = "is not a file"
+            elif size > MAX_IMAGE_BYTES:
+                error = f"is {size / 1048576:.1f} MB; the service takes at most 10 MB"
+            else:
+                with open(path, "rb") as fh:
+                    info = inspect(fh.read())
+                if info.width < MIN_SIDE or info.height < MIN_SIDE:
+                    error = f"is {info.width}x{info.height} px; each side must be more than 14 px"
+        except FileNotFoundError:
+            error = "file not found"
+        except PermissionError:
+            error = "cannot be read (permission denied)"
+        except IsADirectoryError:
+            error = "is a folder, not a file"
+        except NotAnImage as exc:
+            error = f"is not a usable image: {exc}"
+        except OSError as exc:
+            error = f"cannot be read ({exc.strerror or exc})"
+        self._file_checks[path] = error
+        return error
+
+    def _size(self, value: Any, spec: ModelSpec | None, line: int, problems: list[Problem]) -> str | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        m = re.fullmatch(r"\s*(\d{1,6})\s*[*xX\u00d7]\s*(\d{1,6})\s*", str(value))
+        if not m:
+            problems.append(Problem(self.name, line, "size", f"{_show(value)} is not W*H (e.g. 2048*2048)"))
+            return None
+        w, h = int(m.group(1)), int(m.group(2))
+        if spec is not None:
+            px = w * h
+            if w == 0 or h == 0 or px < spec.min_pixels or px > spec.max_pixels:
+                problems.append(
+                    Problem(
+                        self.name,
+                        line,
+                        "size",
+                        f"{w}*{h} is {px:,} pixels; {spec.id} needs {spec.min_pixels:,} to {spec.max_pixels:,}",
+                    )
+                )
+            elif max(w, h) > spec.max_aspect * min(w, h):
+                problems.append(Problem(self.name, line, "size", f"{w}*{h}: aspect ratio beyond 1:16"))
+        return f"{w}*{h}"
+
+    def _params(
+        self, value: Any, spec: ModelSpec | None, n_images: int, line: int, problems: list[Problem]
+    ) -> dict[str, Any]:
+        if value is None or value == "":
+            return {}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                problems.append(Problem(self.name, line, "params", f"is not valid JSON ({exc})"))
+                return {}
+        if not isinstance(value, dict):
+            problems.append(Problem(self.name, line, "params", "must be a JSON object"))
+            return {}
+        for key, v in value.items():
+            fld = f"params.{key}"
+            if key in RESERVED_PARAMS:
+                problems.append(Problem(self.name, line, fld, f"set {key!r} in its own column, not in params"))
+            elif key in UNSUPPORTED_PARAMS:
+                problems.append(Problem(self.name, line, fld, UNSUPPORTED_PARAMS[key]))
+            elif spec is not None and key not in spec.params:
+                known = ", ".join(sorted(spec.params)) or "none"
+                problems.append(Problem(self.name, line, fld, f"unknown parameter for {spec.id}; known: {known}"))
+            elif key in PARAM_TYPES and (
+                not isinstance(v, PARAM_TYPES[key]) or (PARAM_TYPES[key] is int and isinstance(v, bool))
+            ):
+                problems.append(Problem(self.name, line, fld, f"must be {PARAM_TYPES[key].__name__}"))  # type: ignore[union-attr]
+        n_out = value.get("max_images", 1)
+        if spec is not None and isinstance(n_out, int) and not 1 <= n_out <= spec.max_total_images - n_images:
+            problems.append(
+                Problem(
+                    self.name,
+                    line,
+                    "params.max_images",
+                    f"inputs plus outputs must be at most {spec.max_total_images}",
+                )
+            )
+        return value
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…'"
