@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from jobs.config import AtlasConfig, Timeouts
 from sandbox.server import SandboxProcess
@@ -45,3 +48,37 @@ def client(sandbox: SandboxProcess) -> Iterator[AtlasClient]:
     c = make_client(sandbox)
     yield c
     c.close()
+
+
+REDIS_URL = os.environ.get("SEEDREAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Tests use a database of their own (15 by default); Redis must answer: no silent skip."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        pytest.fail(f"Redis does not answer at {REDIS_URL} ({exc}); run `make test`, which starts one")
+    return REDIS_URL
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own, deleted afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def rconn(redis_url: str) -> Iterator[redis.Redis]:
+    from jobs.redisio import connect
+
+    client = connect(redis_url)
+    yield client
+    client.close()

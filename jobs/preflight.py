@@ -1,0 +1,64 @@
+"""Before a run spends anything: does its estimate fit the budget and the account's balance?"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jobs.budget import BudgetState
+from jobs.errors import AuthError, ServiceError
+from jobs.estimate import Estimate
+from jobs.models import micros_to_usd
+from workers.atlas import AtlasClient
+
+
+@dataclass
+class Verdict:
+    ok: bool = True
+    messages: list[str] = field(default_factory=list)
+
+    def refuse(self, message: str) -> None:
+        self.ok = False
+        self.messages.append(message)
+
+
+def account_balance(client: AtlasClient) -> tuple[float | None, str | None]:
+    """The account's available USD, or None with a note when the service will not say."""
+    try:
+        return client.balance().available, None
+    except AuthError as exc:
+        raise AuthError(f"the API key was refused: {exc.message}", status=exc.status) from None
+    except ServiceError as exc:
+        return None, f"balance unavailable ({exc.message}); going on without it"
+
+
+def check(est: Estimate, budget: BudgetState | None, balance_usd: float | None, *, allow_partial: bool) -> Verdict:
+    verdict = Verdict()
+    need = est.total_micros
+    hint = "pass --allow-partial to run until it is spent (the rest are skipped)"
+    remaining = budget.remaining_micros if budget is not None else None
+    if remaining is not None and need > remaining:
+        assert budget is not None
+        text = (
+            f"the batch costs ${micros_to_usd(need)} but the budget has ${micros_to_usd(remaining)} left "
+            f"(cap ${micros_to_usd(budget.cap_micros or 0)}, spent ${micros_to_usd(budget.spent_micros)}, "
+            f"reserved ${micros_to_usd(budget.reserved_micros)})"
+        )
+        if est.fit_jobs is not None:
+            text += f"; {est.fit_jobs:,} of {est.jobs:,} jobs fit"
+        if allow_partial:
+            verdict.messages.append(text + "; running until the budget is spent")
+        else:
+            verdict.refuse(f"{text}; {hint}")
+    if balance_usd is not None:
+        affordable = need if remaining is None else min(need, remaining)
+        balance_micros = round(balance_usd * 1_000_000)
+        if balance_micros < affordable:
+            text = (
+                f"the account balance is ${micros_to_usd(balance_micros)}, less than the "
+                f"${micros_to_usd(affordable)} this run may spend"
+            )
+            if allow_partial:
+                verdict.messages.append(text + "; the service will refuse submits when it runs out")
+            else:
+                verdict.refuse(f"{text}; top up, lower the budget, or {hint}")
+    return verdict

@@ -1,0 +1,131 @@
+"""Rate buckets shared by every worker on every host, with a shared cool-down after a 429.
+
+Each kind of call (submit, poll, upload) has its own bucket per API key, kept in
+Redis and timed by Redis's own clock (`TIME`), so hosts with skewed clocks agree.
+It is a reserving GCRA: a caller is handed the next free send time, at most
+`horizon` ahead, and sleeps until then; callers further back are told when to
+come back (a Celery countdown), so the rate is used fully without a thundering herd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from jobs.config import Limits
+from jobs.redisio import DEFAULT_PREFIX, script, translated
+
+KINDS = ("submit", "poll", "upload")
+
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cool > now then return {0, tostring(cool - now)} end
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local slot = math.max(now, tat - tolerance)
+local wait = slot - now
+if wait > horizon then return {0, tostring(wait - horizon)} end
+local new_tat = math.max(tat, now) + interval
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now + tolerance) * 1000) + 1000)
+return {1, tostring(wait)}
+"""
+
+_COOL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local seconds = tonumber(ARGV[1])
+if seconds < 0 then
+  local n = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], 120)
+  seconds = math.min(tonumber(ARGV[2]) * 2 ^ (n - 1), tonumber(ARGV[3]))
+end
+local till = now + seconds
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if till > cur then
+  redis.call('SET', KEYS[1], tostring(till), 'PX', math.ceil(seconds * 1000) + 1000)
+  return tostring(seconds)
+end
+return tostring(cur - now)
+"""
+
+_COOLING = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cool = tonumber(redis.call('GET', KEYS[1]) or '0')
+return tostring(math.max(0, cool - now))
+"""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """`go` after sleeping `wait` seconds; or not `go`: come back in `wait` seconds."""
+
+    go: bool
+    wait: float
+
+
+class RateLimiter:
+    """Buckets for one API key (identified by a fingerprint, never the key itself)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key_id: str,
+        limits: Limits,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        backoff_initial: float = 2.0,
+        backoff_max: float = 60.0,
+    ) -> None:
+        self.client = client
+        self.limits = limits
+        self.base = f"{prefix}:rate:{key_id}"
+        self._acquire = script(client, _ACQUIRE)
+        self._cool = script(client, _COOL)
+        self._cooling = script(client, _COOLING)
+        self.backoff = (backoff_initial, backoff_max)
+
+    def rate_of(self, kind: str) -> tuple[float, int]:
+        lim = self.limits
+        if kind == "submit":
+            return lim.submit_rate, lim.submit_burst
+        if kind == "poll":
+            return lim.poll_rate, max(1, int(lim.poll_rate))
+        if kind == "upload":
+            return lim.upload_rate, max(1, int(lim.upload_rate))
+        raise ValueError(f"unknown kind of call {kind!r}")
+
+    @translated
+    def acquire(self, kind: str) -> Grant:
+        rate, burst = self.rate_of(kind)
+        interval = 1.0 / rate
+        horizon = max(0.05, min(1.0, 4 * interval))
+        go, wait = self._acquire(
+            keys=[f"{self.base}:{kind}:tat", f"{self.base}:{kind}:cool"],
+            args=[repr(interval), repr((burst - 1) * interval), repr(horizon)],
+        )
+        return Grant(go=bool(int(go)), wait=max(0.0, float(wait)))
+
+    @translated
+    def cool_down(self, kind: str, retry_after: float | None) -> float:
+        """Pause every worker's calls of this kind: Retry-After when sent, else growing backoff."""
+        seconds = -1.0 if retry_after is None else max(0.0, min(600.0, retry_after))
+        out = self._cool(
+            keys=[f"{self.base}:{kind}:cool", f"{self.base}:{kind}:strikes"],
+            args=[repr(seconds), repr(self.backoff[0]), repr(self.backoff[1])],
+        )
+        return float(out)
+
+    @translated
+    def cooling(self, kind: str) -> float:
+        """Seconds left of this kind's cool-down (0 when none): checked again right before a call."""
+        return float(self._cooling(keys=[f"{self.base}:{kind}:cool"]))
+
+    @translated
+    def clear_strikes(self, kind: str) -> None:
+        self.client.delete(f"{self.base}:{kind}:strikes")
