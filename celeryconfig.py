@@ -3,7 +3,8 @@
 Why these values: tasks are acknowledged after they run (a killed worker's task is
 redelivered, and the job state machine makes that harmless); one task prefetched at
 a time so a slow job never hides others; the visibility timeout outlives any
-countdown plus a task's longest run, or Redis would redeliver tasks still waiting.
+countdown (60 s at most) plus a task's longest run, or Redis would redeliver tasks still
+waiting (harmless, the job token stops a duplicate, but wasted work).
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ task_ignore_result = True
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-broker_transport_options = {"visibility_timeout": int(os.environ.get("SEEDREAM_VISIBILITY_TIMEOUT", "3600"))}
+# A killed worker's unacked messages (running or held for a countdown) come back after the
+# visibility timeout; the sweep that restores them runs every `unacked_restore_interval` s.
+broker_transport_options = {
+    "visibility_timeout": int(os.environ.get("SEEDREAM_VISIBILITY_TIMEOUT", "300")),
+    "unacked_restore_interval": int(os.environ.get("SEEDREAM_RESTORE_INTERVAL", "5")),
+    "unacked_restore_throttle": 1,
+}
 broker_connection_retry_on_startup = True
 task_serializer = "json"
 accept_content = ["json"]
 worker_send_task_events = True
 task_send_sent_event = True
 worker_hijack_root_logger = False
+task_default_queue = os.environ.get("SEEDREAM_QUEUE", "seedream")
+task_acks_on_failure_or_timeout = True
+broker_connection_timeout = 5

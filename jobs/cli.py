@@ -205,3 +205,13 @@ def estimate_command(
             click.echo(f"{manifest}: {result.invalid_rows:,} invalid rows; fix them or pass --skip-invalid", err=True)
             sys.exit(EXIT_INVALID)
     click.echo(json.dumps(est.to_dict(), indent=2) if as_json else render_text(est))
+
+
+def _add_run_commands() -> None:
+    from jobs.cli_runs import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_run_commands()

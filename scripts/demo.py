@@ -1,63 +1,75 @@
-"""`make demo`: start the local sandbox and do one real round trip through the client.
+"""`make demo`: a real batch, end to end, against the local sandbox.
 
-Upload a product photo, submit an edit, poll until done, download the output and
-check it is an image of the requested size. (The full batch demo replaces this
-once the pipeline exists.)
+Starts the sandbox (predictions take about a second, a few faults injected so the
+run shows its retries), then runs the example catalog with two local worker
+processes into demo-output/, and prints where the outputs and the report are.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from jobs.config import AtlasConfig
-from jobs.images import inspect
-from sandbox.server import SandboxProcess
-from workers.atlas import AtlasClient
+from sandbox.server import SandboxProcess  # noqa: E402
 
-OUT = Path("demo-output")
+OUT = ROOT / "demo-output"
 
 
 def main() -> int:
-    from PIL import Image
-
-    OUT.mkdir(exist_ok=True)
-    src = OUT / "sku-1001.png"
-    Image.new("RGB", (320, 240), (200, 80, 40)).save(src)
-    with SandboxProcess(settings={"delay": "lognormal:1.5:0.3"}) as sb:
+    settings = {
+        "delay": "lognormal:1.0:0.3",
+        "seed": 7,
+        "fault_retry_after": 1,
+        "faults": {"output_truncated": 0.2, "bare_shape": 0.2, "succeeded_spelling": 0.3},
+    }
+    with SandboxProcess(settings=settings) as sb:
         print(f"sandbox answering at {sb.api_base}")
-        with AtlasClient(AtlasConfig(api_key="demo-key", api_base=sb.api_base)) as client:
-            url = client.upload(src.name, src.read_bytes(), "image/png")
-            print(f"uploaded  {src} -> {url}")
-            sub = client.submit(
-                "bytedance/seedream-v4/edit",
-                {
-                    "prompt": "same product on white marble, soft daylight",
-                    "images": [url],
-                    "size": "1280*960",
-                },
-            )
-            print(f"submitted prediction {sub.id}")
-            polls = 0
-            while not (pred := client.get_prediction(sub.id)).done:
-                polls += 1
-                time.sleep(0.5)
-            price = (pred.price_micros or 0) / 1e6
-            print(f"finished  status={pred.status} after {polls + 1} polls, price=${price:.3f}")
-            if not pred.outputs:
-                print(f"failed: {pred.error}")
-                return 1
-            data = client.download(pred.outputs[0]).content
-            info = inspect(data)
-            dest = OUT / f"sku-1001-edit.{info.extension}"
-            dest.write_bytes(data)
-            print(f"stored    {dest} ({info.format} {info.width}x{info.height}, {len(data):,} bytes)")
+        env = dict(os.environ)
+        env.update(
+            {
+                "ATLASCLOUD_API_KEY": env.get("ATLASCLOUD_API_KEY") or "demo-key",
+                "ATLASCLOUD_API_BASE": sb.api_base,
+                "SEEDREAM_PREFIX": "seedream-demo",
+                "SEEDREAM_QUEUE": f"seedream-demo-{int(time.time())}",
+                "SEEDREAM_SUBMIT_RATE": "4",
+            }
+        )
+        cmd = [
+            str(Path(sys.executable).with_name("seedream-batch")),
+            "run",
+            str(ROOT / "manifests" / "examples" / "catalog.csv"),
+            "--output",
+            str(OUT),
+            "--workers",
+            "2",
+            "--concurrency",
+            "4",
+            "--budget",
+            "1.00",
+            "--wait",
+        ]
+        print(
+            "$ seedream-batch run manifests/examples/catalog.csv --output demo-output --workers 2 --budget 1.00 --wait"
+        )
+        code = subprocess.call(cmd, env=env, cwd=ROOT)
         acc = sb.accounting()
-        print(f"sandbox billed ${acc['billed_usd']} for {acc['billed_count']} prediction(s)")
-    return 0
+    runs = sorted(p for p in OUT.iterdir() if (p / "run.json").exists()) if OUT.exists() else []
+    if runs:
+        latest = max(runs, key=lambda p: p.stat().st_mtime)
+        print(f"outputs: {latest / 'outputs'}")
+        print(f"report:  {latest / 'report.csv'}")
+        print(f"summary: {latest / 'summary.json'}")
+    print(
+        f"the sandbox billed ${acc['billed_usd']} for {acc['billed_count']} predictions; "
+        f"duplicate submissions: {len(acc['duplicate_fingerprints'])}"
+    )
+    return code
 
 
 if __name__ == "__main__":

@@ -4,5 +4,5 @@ from __future__ import annotations
 
 from celery import Celery
 
-app = Celery("seedream_batch")
+app = Celery("seedream_batch", include=["workers.tasks"])
 app.config_from_object("celeryconfig")

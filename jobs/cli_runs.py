@@ -1,0 +1,314 @@
+"""CLI commands that start and control runs; thin: parse, build settings, call jobs.runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from jobs.errors import ConfigError, SeedreamError
+from jobs.estimate import format_duration
+from jobs.models import micros_to_usd, usd_to_micros
+from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
+from workers.context import WorkerSettings
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+
+def settings_from_env(api_base: str | None = None) -> WorkerSettings:
+    s = WorkerSettings.from_env()
+    if api_base:
+        s = replace(s, atlas=s.atlas.with_(api_base=api_base))
+    return s
+
+
+def _queue() -> str:
+    return os.environ.get("SEEDREAM_QUEUE", "seedream")
+
+
+def _enqueuer(queue: str):  # type: ignore[no-untyped-def]
+    from workers.tasks import enqueue
+
+    def run(run_id: str, ids: Iterable[str], token: str) -> int:
+        return enqueue(run_id, ids, token, queue=queue)
+
+    return run
+
+
+def _line(p: Progress) -> str:
+    c = p.counts
+    eta = f", ETA {format_duration(p.eta)}" if p.eta is not None and not p.done else ""
+    halted = f" [halted: {p.halted}]" if p.halted else ""
+    return (
+        f"{p.finished:,}/{p.total:,} done: {c.get('succeeded', 0):,} ok, {c.get('failed', 0):,} failed, "
+        f"{c.get('skipped', 0):,} skipped, {c.get('uncertain', 0):,} uncertain; "
+        f"${micros_to_usd(p.cost_micros)} spent; {p.rate:.2f} jobs/s{eta}{halted}"
+    )
+
+
+def _printer():  # type: ignore[no-untyped-def]
+    import time
+
+    tty = sys.stdout.isatty()
+    last_text = [""]
+    last_time = [0.0]
+
+    def show(p: Progress) -> None:
+        text = _line(p)
+        if tty:
+            click.echo("\r" + text.ljust(len(last_text[0])), nl=False)
+            if p.done:
+                click.echo()
+        elif p.done or time.monotonic() - last_time[0] > 5:
+            click.echo(text)
+            last_time[0] = time.monotonic()
+        last_text[0] = text
+
+    return show
+
+
+def _exit_code(p: Progress) -> int:
+    return EXIT_OK if p.counts.get("succeeded", 0) == p.total else EXIT_PARTIAL
+
+
+@click.command("run")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--output", required=True, help="s3://bucket/prefix or a local folder; the run goes under <output>/<run_id>/."
+)
+@click.option("--model", default=None, help="Model for rows without one.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None, help="Manifest format.")
+@click.option("--models-file", default=None, envvar="SEEDREAM_MODELS_FILE", help="JSON overriding the model table.")
+@click.option("--budget", default=None, help="Hard cap in USD; never passed.")
+@click.option("--campaign", default=None, help="Share the budget with other runs of this campaign name.")
+@click.option("--run-id", default=None, help="Name the run (letters, digits, . _ -); default: time + random.")
+@click.option("--workers", "workers", type=int, default=0, help="Start N local worker processes for this run.")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Threads per local worker.")
+@click.option("--wait/--no-wait", default=None, help="Show progress and wait for the end (default: on a terminal).")
+@click.option("--api-base", default=None, envvar="ATLASCLOUD_API_BASE", help="The service's API base URL.")
+@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@click.option("--allow-partial", is_flag=True, help="Start even if the budget or balance cannot pay for every job.")
+@click.option("--skip-invalid", is_flag=True, help="Run the valid rows and list the invalid ones.")
+@click.option("--submit-rate", type=float, default=None, help="Submits/s per API key (default SEEDREAM_SUBMIT_RATE).")
+@click.option("--max-in-flight", type=int, default=None, help="Predictions in flight per key (default 16).")
+def run_command(
+    manifest: Path,
+    output: str,
+    model: str | None,
+    fmt: str | None,
+    models_file: str | None,
+    budget: str | None,
+    campaign: str | None,
+    run_id: str | None,
+    workers: int,
+    concurrency: int,
+    wait: bool | None,
+    api_base: str | None,
+    s3_endpoint: str | None,
+    allow_partial: bool,
+    skip_invalid: bool,
+    submit_rate: float | None,
+    max_in_flight: int | None,
+) -> None:
+    """Validate MANIFEST, check the budget, and run every row through the service."""
+    from workers.atlas import AtlasClient
+    from workers.local import LocalWorkers
+
+    if submit_rate is not None:
+        os.environ["SEEDREAM_SUBMIT_RATE"] = str(submit_rate)
+    if max_in_flight is not None:
+        os.environ["SEEDREAM_MAX_IN_FLIGHT"] = str(max_in_flight)
+    try:
+        settings = settings_from_env(api_base)
+        opts = RunOptions(
+            manifest=manifest,
+            output=output,
+            api_base=settings.atlas.api_base,
+            model=model,
+            fmt=fmt,
+            models_file=models_file,
+            budget_micros=usd_to_micros(budget) if budget else None,
+            campaign=campaign,
+            run_id=run_id,
+            allow_partial=allow_partial,
+            skip_invalid=skip_invalid,
+            s3_endpoint=s3_endpoint,
+            queue=_queue(),
+        )
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    wait = sys.stdout.isatty() if wait is None else wait
+    local = LocalWorkers(workers, concurrency=concurrency, queue=opts.queue).start() if workers else None
+    try:
+        try:
+            started = start_run(
+                opts,
+                settings,
+                _enqueuer(opts.queue),
+                client_factory=lambda base: AtlasClient(settings.atlas.with_(api_base=base)),
+            )
+        except ManifestRefused as exc:
+            for problem in exc.result.problems:
+                click.echo(str(problem), err=True)
+            click.echo(f"{manifest}: the manifest has problems; nothing was enqueued or spent", err=True)
+            sys.exit(EXIT_INVALID)
+        except PreflightRefused as exc:
+            click.echo(f"refused: {exc}", err=True)
+            sys.exit(EXIT_REFUSED)
+        except SeedreamError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_ERROR)
+        for message in started.messages:
+            click.echo(f"note: {message}", err=True)
+        est = started.estimate
+        click.echo(
+            f"run {started.run_id}: {started.jobs:,} jobs enqueued, estimated ${micros_to_usd(est.total_micros)}"
+            + (f" (skipped {started.result.invalid_rows} invalid rows)" if started.result.invalid_rows else "")
+        )
+        if not wait:
+            return
+        runs = Runs(settings)
+        progress = runs.wait(started.run_id, _printer())
+        summary = runs.report(started.run_id)
+        click.echo(f"report: {summary['report']}")
+        sys.exit(_exit_code(progress))
+    finally:
+        if local is not None:
+            local.stop()
+
+
+def _runs() -> Runs:
+    try:
+        return Runs(settings_from_env())
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("status")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: counts, cost, rate, ETA.")
+def status_command(run_id: str, as_json: bool) -> None:
+    """Counts by status, cost so far, rate and ETA of RUN_ID."""
+    try:
+        p = _runs().progress(run_id)
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _line(p))
+
+
+@click.command("watch")
+@click.argument("run_id")
+def watch_command(run_id: str) -> None:
+    """Follow RUN_ID until it ends; exit 0 if every job succeeded, 3 otherwise."""
+    runs = _runs()
+    try:
+        p = runs.wait(run_id, _printer())
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(_exit_code(p))
+
+
+@click.command("cancel")
+@click.argument("run_id")
+def cancel_command(run_id: str) -> None:
+    """Stop new submits of RUN_ID; paid predictions are still fetched and stored; the rest are skipped."""
+    try:
+        reason = _runs().cancel(run_id)
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"run {run_id}: halted ({reason}); jobs already submitted will still be fetched")
+
+
+@click.command("retry-failed")
+@click.argument("run_id")
+def retry_failed_command(run_id: str) -> None:
+    """Run the failed jobs of RUN_ID again (a paid result is fetched again, not resubmitted)."""
+    runs = _runs()
+    try:
+        n = runs.retry_failed(run_id, _enqueuer(runs.meta(run_id).get("queue") or _queue()))
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"run {run_id}: {n} failed jobs enqueued again")
+
+
+@click.command("resume")
+@click.argument("run_id")
+@click.option("--output", default=None, help="Where the run's records are (needed when Redis lost the run).")
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The manifest, if it moved since the run started (its digest must match).",
+)
+@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+def resume_command(run_id: str, output: str | None, manifest: Path | None, s3_endpoint: str | None) -> None:
+    """Continue RUN_ID from Redis, or from its durable records alone; nothing is resubmitted."""
+    runs = _runs()
+    try:
+        source, n = runs.resume(run_id, output, _enqueuer(_queue()), manifest=manifest, s3_endpoint=s3_endpoint)
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
+
+
+@click.command("report")
+@click.argument("run_id")
+@click.option("--output", default=None, help="Rebuild from the records under this output when Redis lost the run.")
+@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+def report_command(run_id: str, output: str | None, s3_endpoint: str | None) -> None:
+    """Write report.csv and summary.json of RUN_ID now (also done when the run ends)."""
+    try:
+        runs = _runs()
+        if runs.store.run_meta(run_id) is None and output:
+            summary = report_from_storage(output, run_id, s3_endpoint)
+        else:
+            summary = runs.report(run_id)
+    except SeedreamError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
+@click.command("worker")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Threads (the stages wait on I/O).")
+@click.option("--queues", default=None, help="Queues to consume (default SEEDREAM_QUEUE or 'seedream').")
+@click.option("--name", default="seedream@%h", show_default=True, help="Worker name (for Flower, logs).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker_command(concurrency: int, queues: str | None, name: str, loglevel: str) -> None:
+    """Run a Celery worker for seedream jobs (thread pool, events on for Flower)."""
+    from workers.celery import app
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "-Q",
+            queues or _queue(),
+            "-n",
+            name,
+            "--loglevel",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+            "-E",
+        ]
+    )
+
+
+COMMANDS = [
+    run_command,
+    status_command,
+    watch_command,
+    cancel_command,
+    retry_failed_command,
+    resume_command,
+    report_command,
+    worker_command,
+]

@@ -1,0 +1,353 @@
+"""Job and run records in Redis: the state machine's memory, changed only by atomic transitions.
+
+A job moves `pending → submitting → submitted → fetching → succeeded`, or ends
+`failed`, `skipped` or `uncertain`. A transition happens only from the state the
+caller expects (Lua), and reaching a final state bumps the run's counters exactly
+once, so a redelivered task can never count or bill a job twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis
+
+from jobs.redisio import DEFAULT_PREFIX, script, translated
+from manifests.spec import ImageRef, JobSpec
+
+PENDING, SUBMITTING, SUBMITTED, FETCHING = "pending", "submitting", "submitted", "fetching"
+SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = "succeeded", "failed", "skipped", "uncertain"
+FINAL = (SUCCEEDED, FAILED, SKIPPED, UNCERTAIN)
+STATES = (PENDING, SUBMITTING, SUBMITTED, FETCHING, *FINAL)
+
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= ARGV[1] then return state or '' end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at', ARGV[3])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] == '1' then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  redis.call('HINCRBY', KEYS[2], 'finished', 1)
+  local cost = tonumber(redis.call('HGET', KEYS[1], 'cost_micros') or '0')
+  redis.call('HINCRBY', KEYS[2], 'cost_micros', cost)
+end
+return 'ok'
+"""
+
+_REOPEN = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'token', ARGV[3], 'next_token', '', 'error', '', 'reason', '')
+redis.call('HINCRBY', KEYS[2], ARGV[1], -1)
+redis.call('HINCRBY', KEYS[2], 'finished', -1)
+local cost = math.floor(tonumber(redis.call('HGET', KEYS[1], 'cost_micros') or '0'))
+if cost > 0 then redis.call('HINCRBY', KEYS[2], 'cost_micros', -cost) end
+redis.call('HSET', KEYS[1], 'cost_micros', '0')
+return 1
+"""
+
+_ANNOUNCE = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'next_token', ARGV[2])
+return 1
+"""
+
+_ACCEPT = """
+local token = redis.call('HGET', KEYS[1], 'token')
+if not token then return 0 end
+if token == ARGV[1] then return 1 end
+if redis.call('HGET', KEYS[1], 'next_token') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'token', ARGV[1], 'next_token', '')
+  return 1
+end
+return 0
+"""
+
+_COMMIT = """
+local token = redis.call('HGET', KEYS[1], 'token')
+if token == ARGV[1] and redis.call('HGET', KEYS[1], 'next_token') == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'token', ARGV[2], 'next_token', '')
+end
+return 1
+"""
+
+
+@dataclass
+class JobRecord:
+    run_id: str
+    id: str
+    state: str
+    spec: JobSpec
+    token: str = ""
+    prediction_id: str = ""
+    input_urls: list[str] = field(default_factory=list)
+    service_outputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    price_micros: int | None = None
+    cost_micros: int = 0
+    attempts: int = 0
+    polls: int = 0
+    error: str = ""
+    reason: str = ""
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    created_at: float | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL
+
+    def to_json(self) -> dict[str, Any]:
+        """The durable record (records/<id>.json): everything to report and resume, no secrets."""
+        return {
+            "run_id": self.run_id,
+            "id": self.id,
+            "line": self.spec.line,
+            "state": self.state,
+            "model": self.spec.model,
+            "prompt": self.spec.prompt,
+            "size": self.spec.size,
+            "images": [i.value for i in self.spec.images],
+            "params": self.spec.params,
+            "metadata": self.spec.metadata,
+            "prediction_id": self.prediction_id,
+            "service_outputs": self.service_outputs,
+            "outputs": self.outputs,
+            "price_micros": self.price_micros,
+            "cost_micros": self.cost_micros,
+            "attempts": self.attempts,
+            "polls": self.polls,
+            "error": self.error,
+            "reason": self.reason,
+            "created_at": self.created_at,
+            "submitted_at": self.submitted_at,
+            "finished_at": self.finished_at,
+        }
+
+
+def spec_to_json(spec: JobSpec) -> str:
+    return json.dumps(
+        {
+            "line": spec.line,
+            "id": spec.id,
+            "prompt": spec.prompt,
+            "model": spec.model,
+            "size": spec.size,
+            "params": spec.params,
+            "metadata": spec.metadata,
+            "images": [[i.kind, i.value, i.path] for i in spec.images],
+        },
+        separators=(",", ":"),
+    )
+
+
+def spec_from_json(text: str) -> JobSpec:
+    d = json.loads(text)
+    return JobSpec(
+        line=d["line"],
+        id=d["id"],
+        prompt=d["prompt"],
+        model=d["model"],
+        size=d.get("size"),
+        params=d.get("params") or {},
+        metadata=d.get("metadata") or {},
+        images=tuple(ImageRef(k, v, p) for k, v, p in d["images"]),
+    )
+
+
+class RunStore:
+    """Runs and their jobs in Redis under one prefix."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._transition = script(client, _TRANSITION)
+        self._reopen = script(client, _REOPEN)
+        self._announce = script(client, _ANNOUNCE)
+        self._accept = script(client, _ACCEPT)
+        self._commit = script(client, _COMMIT)
+
+    # -- keys --------------------------------------------------------------------------------
+    def run_key(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}"
+
+    def job_key(self, run_id: str, job_id: str) -> str:
+        return f"{self.prefix}:job:{run_id}:{job_id}"
+
+    def counts_key(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:counts"
+
+    def list_key(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:jobs"
+
+    # -- runs --------------------------------------------------------------------------------
+    @translated
+    def create_run(self, run_id: str, meta: Mapping[str, Any]) -> bool:
+        """Register a run; False if one with this id is already known (ids are never reused)."""
+        created = self.client.hsetnx(self.run_key(run_id), "created_at", repr(time.time()))
+        if created:
+            self.client.hset(self.run_key(run_id), mapping={k: json.dumps(v) for k, v in meta.items()})
+        return bool(created)
+
+    @translated
+    def run_meta(self, run_id: str) -> dict[str, Any] | None:
+        raw = cast(dict[str, str], self.client.hgetall(self.run_key(run_id)))
+        if not raw:
+            return None
+        out: dict[str, Any] = {}
+        for k, v in raw.items():
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                out[k] = v
+        return out
+
+    @translated
+    def set_run(self, run_id: str, **fields: Any) -> None:
+        self.client.hset(self.run_key(run_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+
+    @translated
+    def counts(self, run_id: str) -> dict[str, int]:
+        return {k: int(v) for k, v in cast(dict[str, str], self.client.hgetall(self.counts_key(run_id))).items()}
+
+    @translated
+    def bump(self, run_id: str, name: str, by: int = 1) -> None:
+        self.client.hincrby(self.counts_key(run_id), name, by)
+
+    @translated
+    def add_jobs(self, run_id: str, specs: Iterable[JobSpec], token: str, *, state: str = PENDING) -> list[str]:
+        """Create job records (pipelined) and append them to the run's ordered list."""
+        ids: list[str] = []
+        pipe = self.client.pipeline(transaction=False)
+        now = repr(time.time())
+        for spec in specs:
+            pipe.hset(
+                self.job_key(run_id, spec.id),
+                mapping={
+                    "state": state,
+                    "spec": spec_to_json(spec),
+                    "token": token,
+                    "created_at": now,
+                    "attempts": 0,
+                    "polls": 0,
+                    "cost_micros": 0,
+                },
+            )
+            ids.append(spec.id)
+        if ids:
+            pipe.rpush(self.list_key(run_id), *ids)
+        pipe.execute()
+        return ids
+
+    @translated
+    def job_ids(self, run_id: str, start: int = 0, stop: int = -1) -> list[str]:
+        return [str(x) for x in self.client.lrange(self.list_key(run_id), start, stop)]
+
+    def iter_job_ids(self, run_id: str, page: int = 1000) -> Iterator[str]:
+        start = 0
+        while True:
+            ids = self.job_ids(run_id, start, start + page - 1)
+            if not ids:
+                return
+            yield from ids
+            start += page
+
+    # -- jobs --------------------------------------------------------------------------------
+    @translated
+    def get(self, run_id: str, job_id: str) -> JobRecord | None:
+        raw = cast(dict[str, str], self.client.hgetall(self.job_key(run_id, job_id)))
+        return _record(run_id, job_id, raw) if raw else None
+
+    def get_many(self, run_id: str, job_ids: list[str]) -> list[JobRecord | None]:
+        pipe = self.client.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hgetall(self.job_key(run_id, jid))
+        rows = cast(list[dict[str, str]], pipe.execute())
+        return [_record(run_id, jid, raw) if raw else None for jid, raw in zip(job_ids, rows, strict=True)]
+
+    @translated
+    def transition(self, run_id: str, job_id: str, expect: str, to: str, **fields: Any) -> str:
+        """'ok' when the job went from `expect` to `to`; otherwise the state it is really in."""
+        args: list[Any] = [expect, to, repr(time.time()), "1" if to in FINAL else "0"]
+        for k, v in fields.items():
+            args += [k, v if isinstance(v, str) else json.dumps(v)]
+        return str(self._transition(keys=[self.job_key(run_id, job_id), self.counts_key(run_id)], args=args))
+
+    @translated
+    def update(self, run_id: str, job_id: str, **fields: Any) -> None:
+        self.client.hset(
+            self.job_key(run_id, job_id),
+            mapping={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()},
+        )
+
+    @translated
+    def incr(self, run_id: str, job_id: str, name: str, by: int = 1) -> int:
+        return int(self.client.hincrby(self.job_key(run_id, job_id), name, by))
+
+    # A job is driven by one chain of task messages. Each message carries a token; the next one
+    # is announced before it is published and committed after, so a worker killed in between
+    # leaves either the old message (restored by the broker) or the new one valid, never neither.
+    @translated
+    def announce_token(self, run_id: str, job_id: str, old: str, new: str) -> bool:
+        return bool(int(self._announce(keys=[self.job_key(run_id, job_id)], args=[old, new])))
+
+    @translated
+    def accept_token(self, run_id: str, job_id: str, token: str) -> bool:
+        """True when this message may drive the job (the current or the announced next token)."""
+        return bool(int(self._accept(keys=[self.job_key(run_id, job_id)], args=[token])))
+
+    @translated
+    def commit_token(self, run_id: str, job_id: str, old: str, new: str) -> None:
+        self._commit(keys=[self.job_key(run_id, job_id)], args=[old, new])
+
+    @translated
+    def reopen(self, run_id: str, job_id: str, from_state: str, to_state: str, token: str) -> bool:
+        """Take a final job back (retry-failed), undoing its counters."""
+        return bool(
+            int(
+                self._reopen(
+                    keys=[self.job_key(run_id, job_id), self.counts_key(run_id)], args=[from_state, to_state, token]
+                )
+            )
+        )
+
+
+def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
+    def js(name: str, default: Any) -> Any:
+        value = raw.get(name)
+        if value in (None, ""):
+            return default
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+
+    def num(name: str) -> float | None:
+        value = raw.get(name)
+        return float(value) if value is not None and value not in ("", "null") else None
+
+    price = raw.get("price_micros")
+    return JobRecord(
+        run_id=run_id,
+        id=job_id,
+        state=raw.get("state", PENDING),
+        spec=spec_from_json(raw["spec"]),
+        token=raw.get("token", ""),
+        prediction_id=raw.get("prediction_id", ""),
+        input_urls=js("input_urls", []),
+        service_outputs=js("service_outputs", []),
+        outputs=js("outputs", []),
+        price_micros=int(price) if price not in (None, "", "null") else None,
+        cost_micros=int(raw.get("cost_micros") or 0),
+        attempts=int(raw.get("attempts") or 0),
+        polls=int(raw.get("polls") or 0),
+        error=raw.get("error", ""),
+        reason=raw.get("reason", ""),
+        submitted_at=num("submitted_at"),
+        finished_at=num("finished_at"),
+        created_at=num("created_at"),
+    )

@@ -1,0 +1,448 @@
+"""Runs from the user's side: start, watch, cancel, retry the failed, resume, report.
+
+Nothing is enqueued or spent until the whole manifest is valid and the pre-flight
+check passes. A run can be resumed from storage alone after Redis lost it: a job
+whose durable record has a prediction id is polled again, never resubmitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.budget import Budget
+from jobs.control import CANCELLED, RunControl
+from jobs.errors import ConfigError, SeedreamError
+from jobs.estimate import Estimate, estimate
+from jobs.models import ModelTable
+from jobs.preflight import Verdict, account_balance, check
+from jobs.records import FAILED, FETCHING, FINAL, PENDING, SUBMITTED, RunStore
+from jobs.report import write_report, write_run_report
+from jobs.storage import Storage, open_storage
+from manifests.spec import JobSpec
+from manifests.validate import Result, Validator
+from workers.context import WorkerSettings
+
+INITIAL_TOKEN = "0"  # noqa: S105 (a message token, not a secret)
+
+
+class ManifestRefused(SeedreamError):
+    """The manifest has invalid rows: nothing was enqueued or spent."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__(f"{len(result.problems) + result.more_problems} problems in the manifest")
+        self.result = result
+
+
+class PreflightRefused(SeedreamError):
+    """The estimate does not fit the budget or the balance: nothing was enqueued or spent."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__("; ".join(verdict.messages))
+        self.verdict = verdict
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    manifest: Path
+    output: str
+    api_base: str
+    model: str | None = None
+    fmt: str | None = None
+    models_file: str | None = None
+    budget_micros: int | None = None
+    campaign: str | None = None
+    run_id: str | None = None
+    allow_partial: bool = False
+    skip_invalid: bool = False
+    s3_endpoint: str | None = None
+    queue: str = "seedream"
+    check_balance: bool = True
+
+
+@dataclass
+class Started:
+    run_id: str
+    jobs: int
+    estimate: Estimate
+    result: Result
+    messages: list[str] = field(default_factory=list)
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _scan(validator: Validator, budget_micros: int | None) -> tuple[Result, Estimate, list[str]]:
+    """One streaming pass: problems, estimate and the metadata columns, in first-seen order."""
+    result = Result()
+    columns: dict[str, None] = {}
+
+    def jobs() -> Iterator[JobSpec]:
+        for item in validator.results():
+            if isinstance(item, JobSpec):
+                result.jobs += 1
+                result.by_model[item.model] += 1
+                if len(columns) < 200:
+                    columns.update(dict.fromkeys(str(k) for k in item.metadata))
+                yield item
+            else:
+                result.invalid_rows += 1 if item and item[0].line else 0
+                result.add(item)
+
+    est = estimate(jobs(), validator.table, budget_micros=budget_micros)
+    return result, est, list(columns)
+
+
+def start_run(
+    opts: RunOptions,
+    settings: WorkerSettings,
+    enqueue: Callable[[str, Iterable[str], str], int],
+    *,
+    client_factory: Callable[[str], Any] | None = None,
+) -> Started:
+    table = ModelTable.load(opts.models_file, default=opts.model)
+    validator = Validator(opts.manifest, table, fmt=opts.fmt, model=opts.model)
+    result, est, metadata_columns = _scan(validator, None)
+    if not result.ok and not opts.skip_invalid:
+        raise ManifestRefused(result)
+    if result.jobs == 0:
+        raise ManifestRefused(result)
+    from jobs.redisio import connect
+
+    r = connect(settings.redis_url)
+    store = RunStore(r, prefix=settings.prefix)
+    run_id = opts.run_id or new_run_id()
+    scope = opts.campaign or run_id
+    budget = Budget(r, scope, prefix=settings.prefix)
+    if opts.budget_micros is not None:
+        budget.set_cap(opts.budget_micros)
+    state = budget.state()
+    est = _with_budget(est, validator, state.remaining_micros)
+    balance = None
+    messages: list[str] = []
+    if opts.check_balance and client_factory is not None:
+        balance, note = account_balance(client_factory(opts.api_base))
+        if note:
+            messages.append(note)
+    verdict = check(est, state if state.cap_micros is not None else None, balance, allow_partial=opts.allow_partial)
+    if not verdict.ok:
+        raise PreflightRefused(verdict)
+    messages += verdict.messages
+    meta = {
+        "run_id": run_id,
+        "output": opts.output,
+        "api_base": opts.api_base,
+        "budget_scope": scope,
+        "total": result.jobs,
+        "manifest": str(opts.manifest.resolve()),
+        "manifest_sha256": file_sha256(opts.manifest),
+        "format": validator.fmt,
+        "model": opts.model,
+        "models_file": opts.models_file,
+        "prices": {m: s.price_micros for m, s in table.models.items()},
+        "metadata_columns": metadata_columns,
+        "queue": opts.queue,
+        "s3_endpoint": opts.s3_endpoint,
+        "created_at": time.time(),
+        "skipped_invalid_rows": result.invalid_rows,
+    }
+    if not store.create_run(run_id, meta):
+        raise ConfigError(f"run id {run_id!r} is already used; pick another or `resume` it")
+    storage = open_storage(opts.output, run_id, endpoint_url=opts.s3_endpoint)
+    storage.put_json(
+        "run.json",
+        {**meta, "limits": settings.limits.__dict__, "estimate": est.to_dict(), "budget_cap_micros": state.cap_micros},
+    )
+    count = 0
+    batch: list[JobSpec] = []
+    for spec in validator.jobs():
+        batch.append(spec)
+        if len(batch) == 1000:
+            count += enqueue(run_id, store.add_jobs(run_id, batch, INITIAL_TOKEN), INITIAL_TOKEN)
+            batch = []
+    if batch:
+        count += enqueue(run_id, store.add_jobs(run_id, batch, INITIAL_TOKEN), INITIAL_TOKEN)
+    store.set_run(run_id, enqueued=count)
+    return Started(run_id=run_id, jobs=count, estimate=est, result=result, messages=messages)
+
+
+def _with_budget(est: Estimate, validator: Validator, remaining: int | None) -> Estimate:
+    if remaining is None:
+        return est
+    return estimate(validator.jobs(), validator.table, budget_micros=remaining)
+
+
+@dataclass
+class Progress:
+    run_id: str
+    total: int
+    counts: dict[str, int]
+    cost_micros: int
+    elapsed: float
+    halted: str | None
+    budget_cap: int | None
+    budget_spent: int
+
+    @property
+    def finished(self) -> int:
+        return self.counts.get("finished", 0)
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.total
+
+    @property
+    def rate(self) -> float:
+        return self.finished / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        return (self.total - self.finished) / self.rate if self.rate > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        from jobs.models import micros_to_usd
+
+        return {
+            "run_id": self.run_id,
+            "total": self.total,
+            "finished": self.finished,
+            "done": self.done,
+            "counts": {s: self.counts.get(s, 0) for s in FINAL},
+            "in_progress": self.total - self.finished,
+            "submitted": self.counts.get("submitted", 0),
+            "cost_usd": micros_to_usd(self.cost_micros),
+            "cost_micros": self.cost_micros,
+            "elapsed_seconds": round(self.elapsed, 3),
+            "jobs_per_second": round(self.rate, 3),
+            "eta_seconds": None if self.eta is None else round(self.eta, 1),
+            "halted": self.halted,
+            "budget_cap_usd": None if self.budget_cap is None else micros_to_usd(self.budget_cap),
+            "budget_spent_usd": micros_to_usd(self.budget_spent),
+            "retries": self.counts.get("retries", 0),
+            "http_429": self.counts.get("http_429", 0),
+            "uploads": self.counts.get("uploads", 0),
+            "polls": self.counts.get("polls", 0),
+        }
+
+
+class Runs:
+    """Run control against Redis (and storage when Redis lost a run)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        from jobs.redisio import connect
+
+        self.settings = settings
+        self.redis = connect(settings.redis_url)
+        self.store = RunStore(self.redis, prefix=settings.prefix)
+        self.control = RunControl(self.redis, prefix=settings.prefix)
+
+    def meta(self, run_id: str) -> dict[str, Any]:
+        meta = self.store.run_meta(run_id)
+        if meta is None:
+            raise ConfigError(f"run {run_id!r} is not known to Redis; `resume {run_id} --output URI` restores it")
+        return meta
+
+    def progress(self, run_id: str) -> Progress:
+        meta = self.meta(run_id)
+        counts = self.store.counts(run_id)
+        budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix).state()
+        return Progress(
+            run_id=run_id,
+            total=int(meta["total"]),
+            counts=counts,
+            cost_micros=counts.get("cost_micros", 0),
+            elapsed=time.time() - float(meta["created_at"]),
+            halted=self.control.halted(run_id),
+            budget_cap=budget.cap_micros,
+            budget_spent=budget.spent_micros,
+        )
+
+    def storage(self, run_id: str) -> Storage:
+        meta = self.meta(run_id)
+        return open_storage(meta["output"], run_id, endpoint_url=meta.get("s3_endpoint") or self.settings.s3_endpoint)
+
+    def report(self, run_id: str) -> dict[str, Any]:
+        return write_run_report(self.store, self.storage(run_id), run_id)
+
+    def wait(
+        self,
+        run_id: str,
+        on_progress: Callable[[Progress], None],
+        *,
+        interval: float = 0.5,
+        timeout: float | None = None,
+    ) -> Progress:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            p = self.progress(run_id)
+            on_progress(p)
+            if p.done:
+                return p
+            if deadline is not None and time.monotonic() > deadline:
+                return p
+            time.sleep(interval)
+
+    def cancel(self, run_id: str) -> str:
+        self.meta(run_id)
+        return self.control.halt(run_id, CANCELLED)
+
+    def retry_failed(self, run_id: str, enqueue: Callable[[str, Iterable[str], str], int]) -> int:
+        """Run failed jobs again; one whose prediction was paid is fetched again, not resubmitted."""
+        self.meta(run_id)
+        again: list[str] = []
+        token = secrets.token_hex(8)
+        for jid in list(self.store.iter_job_ids(run_id)):
+            rec = self.store.get(run_id, jid)
+            if rec is None or rec.state != FAILED:
+                continue
+            target = FETCHING if rec.service_outputs else PENDING
+            if self.store.reopen(run_id, jid, FAILED, target, token):
+                if target == PENDING:
+                    self.store.update(run_id, jid, input_urls=[], prediction_id="", record_written="0")
+                else:
+                    self.store.update(run_id, jid, record_written="0")
+                again.append(jid)
+        if again:
+            self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
+            enqueue(run_id, again, token)
+        return len(again)
+
+    def resume(
+        self,
+        run_id: str,
+        output: str | None,
+        enqueue: Callable[[str, Iterable[str], str], int],
+        *,
+        manifest: Path | None = None,
+        s3_endpoint: str | None = None,
+    ) -> tuple[str, int]:
+        """Continue a run: from Redis when it still knows it, else from storage alone."""
+        token = secrets.token_hex(8)
+        meta = self.store.run_meta(run_id)
+        if meta is not None:
+            ids = []
+            for jid in self.store.iter_job_ids(run_id):
+                rec = self.store.get(run_id, jid)
+                if rec is not None and (
+                    not rec.final or self.redis.hget(self.store.job_key(run_id, jid), "record_written") != "1"
+                ):
+                    self.store.update(run_id, jid, token=token, next_token="")
+                    ids.append(jid)
+            self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
+            enqueue(run_id, ids, token)
+            return "redis", len(ids)
+        if output is None:
+            raise ConfigError("Redis does not know this run: pass --output to read it from storage")
+        return "storage", self._resume_from_storage(run_id, output, token, enqueue, manifest, s3_endpoint)
+
+    def _resume_from_storage(
+        self,
+        run_id: str,
+        output: str,
+        token: str,
+        enqueue: Callable[[str, Iterable[str], str], int],
+        manifest: Path | None,
+        s3_endpoint: str | None,
+    ) -> int:
+        storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
+        saved = storage.get_json("run.json")
+        if not isinstance(saved, dict):
+            raise ConfigError(f"no run.json for run {run_id} under {output}")
+        path = manifest or Path(saved["manifest"])
+        if file_sha256(path) != saved["manifest_sha256"]:
+            raise ConfigError(f"{path} is not the manifest this run started with (its digest differs)")
+        table = ModelTable.load(saved.get("models_file"), default=saved.get("model"))
+        validator = Validator(path, table, fmt=saved.get("format"), model=saved.get("model"), check_files=False)
+        meta = {k: v for k, v in saved.items() if k not in ("limits", "estimate", "budget_cap_micros")}
+        meta["output"] = output
+        meta["s3_endpoint"] = s3_endpoint or saved.get("s3_endpoint")
+        self.store.create_run(run_id, meta)
+        budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix)
+        if saved.get("budget_cap_micros") is not None and budget.state().cap_micros is None:
+            budget.set_cap(int(saved["budget_cap_micros"]))
+        todo: list[str] = []
+        batch: list[JobSpec] = []
+
+        def flush() -> None:
+            ids = self.store.add_jobs(run_id, batch, token)
+            for spec, jid in zip(batch, ids, strict=True):
+                rec = storage.get_json(f"records/{jid}.json")
+                if not isinstance(rec, dict):
+                    todo.append(jid)
+                    continue
+                cost = int(rec.get("cost_micros") or 0)
+                fields = {
+                    "prediction_id": rec.get("prediction_id") or "",
+                    "outputs": rec.get("outputs") or [],
+                    "service_outputs": rec.get("service_outputs") or [],
+                    "error": rec.get("error") or "",
+                    "reason": rec.get("reason") or "",
+                    "attempts": int(rec.get("attempts") or 0),
+                    "cost_micros": cost,
+                    "record_written": "1",
+                }
+                if rec.get("state") in FINAL:
+                    self.store.update(run_id, jid, **fields)
+                    self.store.transition(run_id, jid, PENDING, rec["state"])
+                    if cost:
+                        budget.settle(jid, cost)
+                elif rec.get("state") == "submitting" and not rec.get("prediction_id"):
+                    # claimed before Redis was lost: the POST may have gone out; never resubmit
+                    price = int(meta["prices"][spec.model])
+                    self.store.update(
+                        run_id,
+                        jid,
+                        **{
+                            **fields,
+                            "cost_micros": price,
+                            "record_written": "0",
+                            "reason": "submit_outcome_unknown",
+                            "error": "Redis lost the run during this job's submit",
+                        },
+                    )
+                    self.store.transition(run_id, jid, PENDING, "uncertain")
+                    budget.settle(jid, price)
+                    todo.append(jid)
+                elif rec.get("prediction_id"):
+                    self.store.update(run_id, jid, **{**fields, "record_written": "0"})
+                    self.store.transition(run_id, jid, PENDING, SUBMITTED, submitted_at=repr(time.time()))
+                    budget.reserve(jid, int(meta["prices"][spec.model]))
+                    todo.append(jid)
+                else:
+                    todo.append(jid)
+            batch.clear()
+
+        for spec in validator.jobs():
+            batch.append(spec)
+            if len(batch) == 500:
+                flush()
+        if batch:
+            flush()
+        enqueue(run_id, todo, token)
+        return len(todo)
+
+
+def report_from_storage(output: str, run_id: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """The report when Redis no longer knows the run: rebuilt from the durable records."""
+    storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
+    saved = storage.get_json("run.json") or {}
+    records = [storage.get_json(k) for k in storage.list("records") if k.endswith(".json")]
+    rows = sorted((r for r in records if isinstance(r, dict)), key=lambda r: int(r.get("line") or 0))
+    return write_report(storage, iter(rows), saved)
+
+
+__all__ = ["SUBMITTED", "ManifestRefused", "PreflightRefused", "Progress", "RunOptions", "Runs", "start_run"]

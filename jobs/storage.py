@@ -1,0 +1,187 @@
+"""Where results last: an S3 bucket/prefix or a local folder, behind one small interface.
+
+Every key is relative to `<output>/<run_id>/` and checked segment by segment, so
+no id or name from a manifest or the service can write outside the run's prefix.
+botocore errors become StorageError here, where they enter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from jobs.errors import ConfigError, StorageError
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,160}")
+
+
+def safe_key(key: str) -> str:
+    parts = key.split("/")
+    for part in parts:
+        if not _SEGMENT.fullmatch(part) or set(part) == {"."}:
+            raise StorageError(f"refusing an unsafe storage key {key[:200]!r}")
+    return key
+
+
+class Storage(Protocol):
+    def put_bytes(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> str: ...
+    def put_json(self, key: str, obj: Any) -> str: ...
+    def get_json(self, key: str) -> Any | None: ...
+    def get_bytes(self, key: str) -> bytes | None: ...
+    def list(self, prefix: str) -> Iterator[str]: ...
+    def uri(self, key: str) -> str: ...
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
+
+
+class LocalStorage:
+    """A folder; writes go to a temp file and are renamed, so a reader never sees half a file."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.root / safe_key(key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> str:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return str(path)
+
+    def put_json(self, key: str, obj: Any) -> str:
+        return self.put_bytes(key, _dumps(obj), "application/json")
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {key}: {exc.strerror or exc}") from None
+
+    def get_json(self, key: str) -> Any | None:
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                yield str(path.relative_to(self.root))
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
+
+class S3Storage:
+    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None, client: Any = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client or boto3.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"}),
+        )
+
+    def _key(self, key: str) -> str:
+        key = safe_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise StorageError(f"S3 {what} failed: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 {what} failed: {type(exc).__name__}") from None
+
+    def put_bytes(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> str:
+        full = self._key(key)
+        meta = {k: _ascii(v) for k, v in (metadata or {}).items()}
+        self._call(
+            "put",
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=full,
+            Body=data,
+            ContentType=content_type,
+            Metadata=meta,
+        )
+        return f"s3://{self.bucket}/{full}"
+
+    def put_json(self, key: str, obj: Any) -> str:
+        return self.put_bytes(key, _dumps(obj), "application/json")
+
+    def get_bytes(self, key: str) -> bytes | None:
+        out = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
+        if out is None:
+            return None
+        try:
+            return bytes(out["Body"].read())
+        except Exception as exc:
+            raise StorageError(f"S3 get failed while reading: {type(exc).__name__}") from None
+
+    def get_json(self, key: str) -> Any | None:
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        full = self._key(prefix.rstrip("/")) + "/"
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list", self.client.list_objects_v2, **kwargs) or {}
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.prefix) + 1 :] if self.prefix else item["Key"]
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def _ascii(value: str) -> str:
+    return value.encode("ascii", "replace").decode()[:256]
+
+
+def open_storage(output: str, run_id: str, *, endpoint_url: str | None = None) -> Storage:
+    """The run's own store: `<output>/<run_id>/` in S3 or on disk."""
+    if not _SEGMENT.fullmatch(run_id) or set(run_id) == {"."}:
+        raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_', '-'")
+    if output.startswith("s3://"):
+        parts = urlsplit(output)
+        if not parts.netloc:
+            raise ConfigError(f"--output {output!r}: expected s3://bucket/prefix")
+        prefix = "/".join(p for p in (parts.path.strip("/"), run_id) if p)
+        return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+    if "://" in output:
+        raise ConfigError(f"--output {output!r}: use s3://bucket/prefix or a local folder")
+    return LocalStorage(Path(output) / run_id)

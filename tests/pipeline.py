@@ -1,0 +1,93 @@
+"""A harness for end-to-end runs: the CLI and Celery workers as real subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.runs import Runs
+from sandbox.server import SandboxProcess
+from tests.conftest import API_KEY
+from tests.helpers import wait_for
+from workers.context import WorkerSettings
+from workers.local import LocalWorkers
+
+EXE = str(Path(sys.executable).with_name("seedream-batch"))
+
+
+@dataclass
+class Pipeline:
+    sandbox: SandboxProcess
+    redis_url: str
+    prefix: str
+    tmp: Path
+    s3_endpoint: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    workers: list[LocalWorkers] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "ATLASCLOUD_API_KEY": API_KEY,
+                "ATLASCLOUD_API_BASE": self.sandbox.api_base,
+                "REDIS_URL": self.redis_url,
+                "SEEDREAM_PREFIX": self.prefix,
+                "SEEDREAM_QUEUE": self.prefix,
+                "SEEDREAM_SUBMIT_RATE": "50",
+                "SEEDREAM_SUBMIT_BURST": "5",
+                "SEEDREAM_POLL_RATE": "200",
+                "SEEDREAM_UPLOAD_RATE": "50",
+                "SEEDREAM_MAX_IN_FLIGHT": "32",
+                "SEEDREAM_VISIBILITY_TIMEOUT": "12",
+                "SEEDREAM_RESTORE_INTERVAL": "1",
+            }
+        )
+        if self.s3_endpoint:
+            env["AWS_ENDPOINT_URL"] = self.s3_endpoint
+        env.update(self.extra_env)
+        return env
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([EXE, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def start_workers(self, count: int = 2, concurrency: int = 4) -> LocalWorkers:
+        w = LocalWorkers(
+            count, concurrency=concurrency, queue=self.prefix, env=self.env, log_path=str(self.tmp / "workers.log")
+        ).start()
+        self.workers.append(w)
+        return w
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop(timeout=20)
+
+    def runs(self) -> Runs:
+        return Runs(WorkerSettings.from_env(self.env))
+
+    def wait_done(self, run_id: str, timeout: float = 120) -> Any:
+        runs = self.runs()
+        return wait_for(
+            lambda: (p := runs.progress(run_id)).done and p,
+            timeout=timeout,
+            interval=0.2,
+            what=f"run {run_id} to finish",
+        )
+
+
+def run_id_of(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith("run "):
+            return line.split()[1].rstrip(":")
+    raise AssertionError(f"no run id in {output!r}")
+
+
+def read_report(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))

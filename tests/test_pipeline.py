@@ -1,0 +1,286 @@
+"""End to end: real Redis, real Celery worker processes, the sandbox over HTTP, a real S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+
+from jobs.images import inspect
+from jobs.report import cell
+from sandbox.server import SandboxProcess
+from tests.conftest import API_KEY, make_client
+from tests.helpers import image_bytes, wait_for
+from tests.pipeline import Pipeline, read_report, run_id_of
+
+V4, V45 = "bytedance/seedream-v4/edit", "bytedance/seedream-v4.5/edit"
+PRICES = {V4: 27_000, V45: 36_000}
+
+
+@pytest.fixture
+def pipe(sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(sandbox=sandbox, redis_url=redis_url, prefix=prefix, tmp=tmp_path)
+    yield p
+    p.stop()
+    r = redis.Redis.from_url(redis_url)
+    for key in (prefix, f"{prefix}\x06\x16", "unacked", "unacked_index"):
+        r.delete(key)
+
+
+def write_manifest(tmp: Path, rows: list[dict[str, object]]) -> Path:
+    path = tmp / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def catalog(tmp: Path, sandbox: SandboxProcess, n: int) -> tuple[Path, int]:
+    """n rows: both models, a photo shared by several rows, unique local photos and URL inputs."""
+    (tmp / "shared.png").write_bytes(image_bytes(48, 48, color=(200, 10, 10)))
+    with make_client(sandbox) as c:
+        url = c.upload("remote.png", image_bytes(40, 40, color=(0, 0, 250)), "image/png")
+    rows: list[dict[str, object]] = []
+    distinct_local = 1
+    for i in range(n):
+        if i % 3 == 0:
+            images: list[str] = ["shared.png"]
+        elif i % 3 == 1:
+            (tmp / f"p{i}.jpg").write_bytes(image_bytes(32 + i, 32, "JPEG", color=(i * 7 % 255, 90, 20)))
+            images = [f"p{i}.jpg", url]
+            distinct_local += 1
+        else:
+            images = [url]
+        rows.append(
+            {
+                "id": f"sku-{i:03d}",
+                "prompt": f"same product on white marble #{i}",
+                "images": images,
+                "model": V45 if i % 4 == 0 else V4,
+                "sku": f"S{i}",
+                "note": '=HYPERLINK("x")' if i == 2 else "ok",
+            }
+        )
+    return write_manifest(tmp, rows), distinct_local
+
+
+def test_mixed_manifest_ends_in_s3_consistent_with_the_service(pipe: Pipeline, s3_endpoint: str) -> None:
+    pipe.s3_endpoint = s3_endpoint
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"b-{pipe.prefix.lower()}"
+    s3.create_bucket(Bucket=bucket)
+    manifest, distinct_local = catalog(pipe.tmp, pipe.sandbox, 12)
+    pipe.sandbox.configure(delay="uniform:0.2:0.8")
+    pipe.start_workers(2)
+    done = pipe.cli("run", str(manifest), "--output", f"s3://{bucket}/catalog", "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = run_id_of(done.stdout)
+    acc = pipe.sandbox.accounting()
+    assert acc["created"] == 12 and acc["duplicate_fingerprints"] == []
+    assert acc["uploads"] == distinct_local + 1  # the shared photo was uploaded once (+1: the test's URL input)
+    assert all(n == 1 for n in acc["uploads_by_sha"].values())
+
+    def obj(key: str) -> bytes:
+        return s3.get_object(Bucket=bucket, Key=f"catalog/{run_id}/{key}")["Body"].read()
+
+    report = read_report(obj("report.csv"))
+    assert [r["id"] for r in report] == [f"sku-{i:03d}" for i in range(12)]  # manifest order
+    assert {r["status"] for r in report} == {"succeeded"}
+    cost = sum(round(float(r["cost_usd"]) * 1_000_000) for r in report)
+    assert cost == acc["billed_micros"] == sum(PRICES[V45 if i % 4 == 0 else V4] for i in range(12))
+    assert report[2]["note"].startswith("'=")  # a formula in metadata is defused
+    for row in report:
+        [uri] = row["outputs"].split("|")
+        key = uri.split(f"s3://{bucket}/", 1)[1]
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert head["Metadata"]["job-id"] == row["id"] and head["Metadata"]["prediction-id"] == row["prediction_id"]
+        assert inspect(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).format == "JPEG"
+        record = json.loads(obj(f"records/{row['id']}.json"))
+        assert record["state"] == "succeeded" and record["prediction_id"] == row["prediction_id"]
+    summary = json.loads(obj("summary.json"))
+    assert summary["counts"] == {"succeeded": 12} and summary["total_cost_micros"] == cost
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]]
+    assert all(k.startswith(f"catalog/{run_id}/") for k in keys)
+    for key in keys:  # the API key is nowhere in storage, data or metadata
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert API_KEY not in json.dumps(head["Metadata"]) and API_KEY.encode() not in obj(
+            key.split(f"{run_id}/", 1)[1]
+        )
+
+
+def test_invalid_manifest_enqueues_and_spends_nothing(pipe: Pipeline, rconn: redis.Redis) -> None:
+    corpus = Path(__file__).parent / "manifests_bad" / "many_problems.csv"
+    out = pipe.cli("run", str(corpus), "--output", str(pipe.tmp / "out"), "--no-wait")
+    assert out.returncode == 2 and "many_problems.csv:3: id:" in out.stderr
+    assert pipe.sandbox.accounting()["submit_calls"] == 0
+    assert rconn.llen(pipe.prefix) == 0 and not list(rconn.scan_iter(f"{pipe.prefix}:*"))
+    assert not (pipe.tmp / "out").exists()
+
+
+def test_every_fault_at_once_still_ends_with_the_right_statuses(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(
+        seed=11,
+        delay="uniform:0.1:0.4",
+        fault_retry_after=0,
+        slow_output_seconds=0.3,
+        faults={
+            "rate_limited": 0.05,
+            "server_error": 0.05,
+            "failed": 0.1,
+            "failed_5xx": 0.05,
+            "timeout_status": 0.05,
+            "drop_submit": 0.05,
+            "output_404": 0.05,
+            "output_slow": 0.05,
+            "output_truncated": 0.1,
+            "output_corrupt": 0.05,
+            "bare_shape": 0.2,
+            "succeeded_spelling": 0.3,
+            "omit_price": 0.2,
+        },
+    )
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 40)
+    pipe.start_workers(2)
+    done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--wait", timeout=180)
+    assert done.returncode == 3, done.stdout + done.stderr  # some jobs did not succeed: a distinct exit code
+    run_id = run_id_of(done.stdout)
+    report = read_report((pipe.tmp / "out" / run_id / "report.csv").read_bytes())
+    assert len(report) == 40 and {r["status"] for r in report} <= {"succeeded", "failed", "uncertain"}
+    acc = pipe.sandbox.accounting()
+    assert acc["duplicate_fingerprints"] == []
+    for row in report:
+        if not row["prediction_id"]:
+            assert row["status"] in ("uncertain", "failed"), row
+            continue
+        truth = pipe.sandbox.admin("GET", f"predictions/{row['prediction_id']}")
+        if truth["outcome"] in ("failed", "failed_5xx", "timeout"):
+            assert row["status"] == "failed" and row["cost_usd"] == "0.00" and row["error"], row
+        elif any(f in ("output_404", "output_corrupt") for f in truth["output_faults"]):
+            assert row["status"] == "failed" and "bad_output" in row["error"] and row["cost_usd"] != "0.00"
+        else:
+            assert row["status"] == "succeeded", row
+            assert inspect(Path(row["outputs"]).read_bytes())
+    billed = {
+        r["prediction_id"]
+        for r in report
+        if r["prediction_id"] and pipe.sandbox.admin("GET", f"predictions/{r['prediction_id']}")["billable"]
+    }
+    paid = {r["prediction_id"] for r in report if r["prediction_id"] and r["cost_usd"] != "0.00"}
+    assert billed == paid  # every billed prediction is costed, and nothing unbilled is
+
+
+def test_sigkilled_worker_is_taken_over_without_a_duplicate(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(delay="fixed:1.0")
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+    doomed = pipe.start_workers(1)
+    pipe.start_workers(1)
+    started = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--no-wait")
+    assert started.returncode == 0, started.stderr
+    run_id = run_id_of(started.stdout)
+    wait_for(lambda: pipe.sandbox.accounting()["created"] >= 8, timeout=60, what="some submits")
+    os.kill(doomed.procs[0].pid, signal.SIGKILL)
+    progress = pipe.wait_done(run_id, timeout=150)
+    acc = pipe.sandbox.accounting()
+    assert acc["duplicate_fingerprints"] == [] and acc["created"] <= 30
+    counts = progress.counts
+    # every job ends; one killed in the middle of its submit is uncertain, never resubmitted
+    assert counts.get("succeeded", 0) + counts.get("uncertain", 0) == 30
+    assert counts.get("uncertain", 0) <= 4  # at most one per thread of the killed worker
+    assert acc["billed_count"] >= counts.get("succeeded", 0)
+
+
+def test_redis_flushed_mid_run_then_resumed_from_storage(pipe: Pipeline, rconn: redis.Redis) -> None:
+    pipe.sandbox.configure(delay="fixed:1.5")
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 20)
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "8"
+    out = str(pipe.tmp / "out")
+    started = pipe.cli("run", str(manifest), "--output", out, "--no-wait")
+    run_id = run_id_of(started.stdout)
+    pipe.start_workers(2)
+    wait_for(lambda: pipe.sandbox.accounting()["created"] >= 6, timeout=60, what="some submits")
+    pipe.stop()  # workers stopped, then Redis loses everything
+    for key in rconn.scan_iter(f"{pipe.prefix}*"):
+        rconn.delete(key)
+    for key in ("unacked", "unacked_index"):
+        rconn.delete(key)
+    assert rconn.hgetall(f"{pipe.prefix}:run:{run_id}") == {}
+    resumed = pipe.cli("resume", run_id, "--output", out)
+    assert resumed.returncode == 0 and "resumed from storage" in resumed.stdout, resumed.stderr
+    pipe.start_workers(2)
+    progress = pipe.wait_done(run_id, timeout=150)
+    acc = pipe.sandbox.accounting()
+    assert acc["duplicate_fingerprints"] == []  # nothing with a prediction id was submitted again
+    assert progress.counts.get("succeeded", 0) + progress.counts.get("uncertain", 0) == 20
+    report = read_report((Path(out) / run_id / "report.csv").read_bytes())
+    assert len(report) == 20
+
+
+def test_cancel_submits_nothing_more_and_keeps_paid_results(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(delay="fixed:2.0")
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "4"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 24)
+    pipe.start_workers(1)
+    started = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--no-wait")
+    run_id = run_id_of(started.stdout)
+    wait_for(lambda: pipe.sandbox.accounting()["created"] >= 3, timeout=60, what="some submits")
+    assert pipe.cli("cancel", run_id).returncode == 0
+    at_cancel = pipe.sandbox.accounting()["created"]
+    progress = pipe.wait_done(run_id, timeout=90)
+    acc = pipe.sandbox.accounting()
+    assert acc["created"] <= at_cancel + 1  # at most one submit was already past its last check
+    assert progress.counts.get("succeeded", 0) == acc["created"]  # every paid one was fetched
+    assert progress.counts.get("skipped", 0) == 24 - acc["created"]
+
+
+def test_budget_caps_the_run_and_skips_the_rest(pipe: Pipeline) -> None:
+    rows = [{"id": f"j{i}", "prompt": f"p{i}", "images": ["shared.png"]} for i in range(10)]
+    (pipe.tmp / "shared.png").write_bytes(image_bytes())
+    manifest = write_manifest(pipe.tmp, rows)
+    pipe.start_workers(2)
+    refused = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "o"), "--budget", "0.10", "--no-wait")
+    assert refused.returncode == 4 and "--allow-partial" in refused.stderr
+    done = pipe.cli(
+        "run", str(manifest), "--output", str(pipe.tmp / "o"), "--budget", "0.10", "--allow-partial", "--wait"
+    )
+    assert done.returncode == 3
+    acc = pipe.sandbox.accounting()
+    assert acc["created"] == 3 and acc["billed_micros"] == 81_000  # 3 x 0.027 <= 0.10 < 4 x 0.027
+
+
+def test_retry_failed_runs_only_the_failed(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(faults={"failed": 1.0})
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 6)
+    pipe.start_workers(1)
+    done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--wait")
+    assert done.returncode == 3
+    run_id = run_id_of(done.stdout)
+    pipe.sandbox.configure(faults={"failed": 0.0})
+    assert "6 failed jobs" in pipe.cli("retry-failed", run_id).stdout
+    progress = pipe.wait_done(run_id)
+    assert progress.counts.get("succeeded") == 6 and progress.counts.get("failed", 0) == 0
+    assert pipe.sandbox.accounting()["created"] == 12
+
+
+def test_status_json_is_stable(pipe: Pipeline) -> None:
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 3)
+    pipe.start_workers(1)
+    run_id = run_id_of(pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "o"), "--wait").stdout)
+    status = json.loads(pipe.cli("status", run_id, "--json").stdout)
+    assert status["done"] and status["counts"]["succeeded"] == 3 and status["cost_usd"] == "0.09"
+    assert set(status) >= {"run_id", "total", "finished", "counts", "cost_usd", "jobs_per_second", "eta_seconds"}
+
+
+def test_report_cells_cannot_start_a_formula() -> None:
+    assert [cell(v) for v in ["=1+1", "+x", "-2", "@a", "\tx", "ok", 3]] == [
+        "'=1+1",
+        "'+x",
+        "'-2",
+        "'@a",
+        "'\tx",
+        "ok",
+        "3",
+    ]

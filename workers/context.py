@@ -1,0 +1,127 @@
+"""Everything a worker process needs, built once from its environment and shared by its threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from jobs.budget import Budget
+from jobs.config import AtlasConfig, Limits
+from jobs.control import RunControl
+from jobs.errors import StateError
+from jobs.records import RunStore
+from jobs.redisio import DEFAULT_PREFIX, connect
+from jobs.storage import Storage, open_storage
+from workers.atlas import AtlasClient
+from workers.ratelimit import RateLimiter
+from workers.retry import Backoff
+from workers.slots import Slots
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = DEFAULT_PREFIX
+    atlas: AtlasConfig = field(default_factory=AtlasConfig)
+    limits: Limits = field(default_factory=Limits)
+    s3_endpoint: str | None = None
+    poll_deadline: float = 900.0  # the service's own client gives up after about 10 minutes
+    max_attempts: int = 8  # transient failures before submit or a step gives up
+    max_fetch_attempts: int = 40  # a paid output is fetched patiently
+    max_store_attempts: int = 400  # storage down for a while must not lose a paid result
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
+        env = dict(os.environ if env is None else env)
+        return cls(
+            redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            prefix=env.get("SEEDREAM_PREFIX", DEFAULT_PREFIX),
+            atlas=AtlasConfig.from_env(env, read_retry=Backoff(attempts=2, initial=0.2, maximum=1.0)),
+            limits=Limits.from_env(env),
+            s3_endpoint=env.get("AWS_ENDPOINT_URL") or None,
+            poll_deadline=float(env.get("SEEDREAM_POLL_DEADLINE", "900")),
+        )
+
+
+class Context:
+    """Connections and per-run helpers, created lazily and cached (thread-safe)."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.redis: redis.Redis = connect(settings.redis_url)
+        self.runs = RunStore(self.redis, prefix=settings.prefix)
+        self.control = RunControl(self.redis, prefix=settings.prefix)
+        key_id = settings.atlas.api_key.fingerprint()
+        self.limiter = RateLimiter(self.redis, key_id, settings.limits, prefix=settings.prefix)
+        self.slots = Slots(
+            self.redis,
+            key_id,
+            settings.limits.max_in_flight,
+            settings.limits.slot_lease_seconds,
+            prefix=settings.prefix,
+        )
+        self._lock = threading.Lock()
+        self._clients: dict[str, AtlasClient] = {}
+        self._storages: dict[str, Storage] = {}
+        self._budgets: dict[str, Budget] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._s3: Any = None
+
+    def meta(self, run_id: str) -> dict[str, Any]:
+        with self._lock:
+            if run_id in self._meta:
+                return self._meta[run_id]
+        meta = self.runs.run_meta(run_id)
+        if meta is None:
+            raise StateError(f"run {run_id} is not known to Redis (resume it from storage)")
+        with self._lock:
+            self._meta[run_id] = meta
+        return meta
+
+    def client(self, api_base: str) -> AtlasClient:
+        with self._lock:
+            if api_base not in self._clients:
+                self._clients[api_base] = AtlasClient(self.settings.atlas.with_(api_base=api_base))
+            return self._clients[api_base]
+
+    def storage(self, run_id: str) -> Storage:
+        with self._lock:
+            if run_id not in self._storages:
+                meta = self._meta.get(run_id) or {}
+                self._storages[run_id] = open_storage(
+                    meta["output"], run_id, endpoint_url=meta.get("s3_endpoint") or self.settings.s3_endpoint
+                )
+            return self._storages[run_id]
+
+    def budget(self, scope: str) -> Budget:
+        with self._lock:
+            if scope not in self._budgets:
+                self._budgets[scope] = Budget(self.redis, scope, prefix=self.settings.prefix)
+            return self._budgets[scope]
+
+    def s3(self) -> Any:
+        with self._lock:
+            if self._s3 is None:
+                import boto3
+                from botocore.config import Config
+
+                self._s3 = boto3.client(
+                    "s3", endpoint_url=self.settings.s3_endpoint, config=Config(connect_timeout=5, read_timeout=30)
+                )
+            return self._s3
+
+
+_context: Context | None = None
+_context_lock = threading.Lock()
+
+
+def get_context() -> Context:
+    global _context
+    with _context_lock:
+        if _context is None:
+            _context = Context(WorkerSettings.from_env())
+        return _context

@@ -1,0 +1,456 @@
+"""The job state machine: each call reads the job's state and does the next step.
+
+A redelivered or duplicated task message continues where the last one stopped:
+the submit is claimed atomically before the POST, the prediction id is stored
+before anything else, and every final transition (and its cost) happens once.
+`advance` returns the countdown for the next message, or None when the job is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from typing import Any
+
+from jobs.control import PAYMENT
+from jobs.errors import (
+    AuthError,
+    BadOutput,
+    BadRequest,
+    OutcomeUnknown,
+    PaymentRequired,
+    RateLimited,
+    ServiceError,
+    StorageError,
+    TransientError,
+)
+from jobs.images import NotAnImage, inspect
+from jobs.records import (
+    FAILED,
+    FETCHING,
+    PENDING,
+    SKIPPED,
+    SUBMITTED,
+    SUBMITTING,
+    SUCCEEDED,
+    UNCERTAIN,
+    JobRecord,
+)
+from workers.context import Context
+from workers.prediction import State
+
+log = logging.getLogger("seedream.jobs")
+NEXT = -1.0  # the state changed: take the next step now
+
+
+def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
+    return min(cap, base * 2 ** max(0, attempt - 1)) * (0.5 + random.random() / 2)
+
+
+def advance(ctx: Context, run_id: str, job_id: str, token: str) -> float | None:
+    if not ctx.runs.accept_token(run_id, job_id, token):
+        return None  # unknown job or a stale duplicate message
+    for _ in range(8):
+        rec = ctx.runs.get(run_id, job_id)
+        if rec is None or rec.token != token:
+            return None
+        meta = ctx.meta(run_id)
+        if rec.final:
+            return _final(ctx, meta, rec)
+        step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: _submitted, FETCHING: _fetching}[rec.state]
+        wait = step(ctx, meta, rec)
+        if wait != NEXT:
+            return wait
+    return 0.0
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _list_price(meta: dict[str, Any], rec: JobRecord) -> int:
+    return int(meta["prices"][rec.spec.model])
+
+
+def _end(
+    ctx: Context,
+    meta: dict[str, Any],
+    rec: JobRecord,
+    expect: str,
+    to: str,
+    *,
+    error: str = "",
+    reason: str = "",
+    cost: int = 0,
+    **fields: Any,
+) -> float:
+    """Move to a final state once; settle or release the budget and the slot to match."""
+    budget = ctx.budget(meta["budget_scope"])
+    if cost:
+        budget.settle(rec.id, cost)
+    else:
+        budget.release(rec.id)
+    ctx.slots.release(f"{rec.run_id}:{rec.id}")
+    ctx.runs.transition(
+        rec.run_id,
+        rec.id,
+        expect,
+        to,
+        error=error[:2000],
+        reason=reason,
+        cost_micros=str(cost),
+        finished_at=repr(time.time()),
+        **fields,
+    )
+    log.info(
+        "job %s/%s %s -> %s%s", rec.run_id, rec.id, expect, to, f" ({reason or error[:200]})" if reason or error else ""
+    )
+    return NEXT  # the loop in `advance` reads the state the job is really in
+
+
+def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    """A final job: make sure its durable record is written, then tell the run."""
+    raw = ctx.redis.hget(ctx.runs.job_key(rec.run_id, rec.id), "record_written")
+    if raw != "1":
+        try:
+            ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
+        except StorageError as exc:
+            n = ctx.runs.incr(rec.run_id, rec.id, "store_attempts")
+            log.warning("record of %s not stored yet (%s); try %d", rec.id, exc, n)
+            return backoff(n, 1.0, 60.0) if n < ctx.settings.max_store_attempts else None
+        ctx.runs.update(rec.run_id, rec.id, record_written="1")
+        from workers.finish import maybe_finalize
+
+        maybe_finalize(ctx, rec.run_id)
+    return None
+
+
+def _write_record(ctx: Context, rec: JobRecord) -> None:
+    try:
+        ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
+    except StorageError as exc:  # written again when the job ends
+        log.warning("record of %s not stored at submit (%s)", rec.id, exc)
+
+
+# -- pending: prepare, reserve, take a slot and a token, claim, POST once --------------------
+
+
+def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    run_id, key = rec.run_id, f"{rec.run_id}:{rec.id}"
+    halted = ctx.control.halted(run_id)
+    if halted:
+        return _end(ctx, meta, rec, PENDING, SKIPPED, reason=halted)
+    if not rec.input_urls:
+        urls = _prepare_inputs(ctx, meta, rec)
+        if isinstance(urls, float):
+            return urls
+        ctx.runs.update(run_id, rec.id, input_urls=urls)
+        rec.input_urls = urls
+    if not ctx.budget(meta["budget_scope"]).reserve(rec.id, _list_price(meta, rec)):
+        return _end(ctx, meta, rec, PENDING, SKIPPED, reason="budget")
+    wait = ctx.slots.acquire(key)
+    if wait > 0:
+        return min(wait, 2.0)
+    cooling = ctx.limiter.cooling("submit")
+    if cooling > 0:
+        return cooling
+    grant = ctx.limiter.acquire("submit")
+    if not grant.go:
+        return grant.wait
+    time.sleep(grant.wait)
+    halted = ctx.control.halted(run_id)
+    if halted:
+        return _end(ctx, meta, rec, PENDING, SKIPPED, reason=halted)
+    attempts = ctx.runs.incr(run_id, rec.id, "attempts")
+    if ctx.runs.transition(run_id, rec.id, PENDING, SUBMITTING) != "ok":
+        return NEXT
+    rec.state = SUBMITTING
+    try:  # durable before the POST: a run resumed from storage never resubmits this job
+        ctx.storage(run_id).put_json(f"records/{rec.id}.json", rec.to_json())
+    except StorageError as exc:
+        ctx.runs.transition(run_id, rec.id, SUBMITTING, PENDING, error=str(exc))
+        return backoff(ctx.runs.incr(run_id, rec.id, "store_attempts"), 1.0, 30.0)
+    params: dict[str, Any] = {"prompt": rec.spec.prompt, "images": rec.input_urls, **rec.spec.params}
+    if rec.spec.size:
+        params["size"] = rec.spec.size
+    client = ctx.client(meta["api_base"])
+    try:
+        sub = client.submit(rec.spec.model, params)
+    except OutcomeUnknown as exc:
+        return _end(
+            ctx,
+            meta,
+            rec,
+            SUBMITTING,
+            UNCERTAIN,
+            error=exc.message,
+            reason="submit_outcome_unknown",
+            cost=_list_price(meta, rec),
+        )
+    except RateLimited as exc:
+        ctx.limiter.cool_down("submit", exc.retry_after)
+        ctx.runs.bump(run_id, "http_429")
+        ctx.runs.incr(run_id, rec.id, "attempts", -1)
+        ctx.runs.transition(run_id, rec.id, SUBMITTING, PENDING)
+        return exc.retry_after if exc.retry_after is not None else 1.0
+    except PaymentRequired as exc:
+        ctx.control.halt(run_id, PAYMENT)
+        return _end(ctx, meta, rec, SUBMITTING, SKIPPED, error=exc.message, reason=PAYMENT)
+    except AuthError as exc:
+        ctx.control.halt(run_id, "auth")
+        return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="auth")
+    except BadRequest as exc:
+        return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
+    except TransientError as exc:  # never left this machine: nothing was created
+        ctx.runs.transition(run_id, rec.id, SUBMITTING, PENDING, error=exc.message)
+        ctx.runs.bump(run_id, "retries")
+        if attempts >= ctx.settings.max_attempts:
+            return _end(ctx, meta, rec, PENDING, FAILED, error=exc.message, reason="unreachable")
+        return backoff(attempts)
+    now = time.time()
+    ctx.runs.transition(run_id, rec.id, SUBMITTING, SUBMITTED, prediction_id=sub.id, submitted_at=repr(now))
+    ctx.runs.bump(run_id, "submitted")
+    rec.prediction_id, rec.state, rec.submitted_at = sub.id, SUBMITTED, now
+    _write_record(ctx, rec)
+    return _first_poll(ctx, run_id, rec.spec.model)
+
+
+def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[str] | float:
+    """Upload local and s3:// inputs once per content hash (shared by the run); URLs pass as they are."""
+    urls: list[str] = []
+    for ref in rec.spec.images:
+        if ref.kind == "url":
+            urls.append(ref.value)
+            continue
+        try:
+            data = _read_input(ctx, ref.kind, ref.value, ref.path)
+        except (OSError, StorageError) as exc:
+            n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
+            if n >= ctx.settings.max_attempts or isinstance(exc, FileNotFoundError):
+                _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} cannot be read: {exc}", reason="input")
+                return NEXT
+            return backoff(n)
+        sha = hashlib.sha256(data).hexdigest()
+        cache = f"{ctx.settings.prefix}:run:{rec.run_id}:upload:{sha}"
+        url = ctx.redis.get(cache)
+        if url and url != "pending":
+            urls.append(str(url))
+            continue
+        if url == "pending" or not ctx.redis.set(cache, "pending", nx=True, ex=120):
+            return 0.3  # another job is uploading the same photo
+        try:
+            grant = ctx.limiter.acquire("upload")
+            if not grant.go:
+                ctx.redis.delete(cache)
+                return grant.wait
+            time.sleep(grant.wait)
+            try:
+                ext = inspect(data, decode=False).extension
+            except NotAnImage as exc:
+                ctx.redis.delete(cache)
+                _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} is not an image: {exc}", reason="input")
+                return NEXT
+            from jobs.images import CONTENT_TYPES
+
+            url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{ext}", data, CONTENT_TYPES[ext])
+        except RateLimited as exc:
+            ctx.redis.delete(cache)
+            ctx.limiter.cool_down("upload", exc.retry_after)
+            return exc.retry_after or 1.0
+        except (TransientError, ServiceError) as exc:
+            ctx.redis.delete(cache)
+            n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
+            if isinstance(exc, TransientError) and n < ctx.settings.max_attempts:
+                return backoff(n)
+            _end(ctx, meta, rec, PENDING, FAILED, error=f"upload of {ref.value} failed: {exc}", reason="upload")
+            return NEXT
+        ctx.redis.set(cache, url, ex=6 * 3600)
+        ctx.runs.bump(rec.run_id, "uploads")
+        urls.append(str(url))
+    return urls
+
+
+def _read_input(ctx: Context, kind: str, value: str, path: str | None) -> bytes:
+    if kind == "local":
+        assert path is not None
+        with open(path, "rb") as fh:
+            return fh.read(10 * 1024 * 1024 + 1)
+    bucket, _, key = value[5:].partition("/")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return bytes(ctx.s3().get_object(Bucket=bucket, Key=key)["Body"].read())
+    except (BotoCoreError, ClientError) as exc:
+        raise StorageError(f"{value}: {type(exc).__name__}") from None
+
+
+# -- submitting: found after a crash between the claim and the answer --------------------------
+
+
+def _submitting(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    return _end(
+        ctx,
+        meta,
+        rec,
+        SUBMITTING,
+        UNCERTAIN,
+        reason="worker_lost_during_submit",
+        error="the worker stopped during the submit; the prediction may exist (see /model/history)",
+        cost=_list_price(meta, rec),
+    )
+
+
+# -- submitted: poll, adaptively ----------------------------------------------------------------
+
+
+def _first_poll(ctx: Context, run_id: str, model: str) -> float:
+    typical = ctx.redis.get(f"{ctx.settings.prefix}:run:{run_id}:ptime:{model}")
+    return max(0.2, min(30.0, 0.9 * float(typical))) if typical else 2.0
+
+
+def _learn(ctx: Context, run_id: str, model: str, seconds: float) -> None:
+    key = f"{ctx.settings.prefix}:run:{run_id}:ptime:{model}"
+    old = ctx.redis.get(key)
+    ctx.redis.set(key, repr(seconds if old is None else 0.8 * float(old) + 0.2 * seconds), ex=7 * 86400)
+
+
+def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    run_id = rec.run_id
+    ctx.slots.renew(f"{run_id}:{rec.id}")
+    cooling = ctx.limiter.cooling("poll")
+    if cooling > 0:
+        return cooling
+    grant = ctx.limiter.acquire("poll")
+    if not grant.go:
+        return grant.wait
+    time.sleep(grant.wait)
+    polls = ctx.runs.incr(run_id, rec.id, "polls")
+    ctx.runs.bump(run_id, "polls")
+    elapsed = time.time() - (rec.submitted_at or time.time())
+    try:
+        pred = ctx.client(meta["api_base"]).get_prediction(rec.prediction_id)
+    except RateLimited as exc:
+        ctx.limiter.cool_down("poll", exc.retry_after)
+        return exc.retry_after or 1.0
+    except AuthError as exc:
+        ctx.control.halt(run_id, "auth")
+        ctx.runs.update(run_id, rec.id, error=exc.message)
+        return None  # left submitted: `resume` polls it again
+    except BadRequest as exc:  # 404 for an id the service gave us
+        return _end(
+            ctx,
+            meta,
+            rec,
+            SUBMITTED,
+            UNCERTAIN,
+            error=exc.message,
+            reason="prediction_lost",
+            cost=_list_price(meta, rec),
+        )
+    except ServiceError as exc:
+        ctx.runs.bump(run_id, "retries")
+        if elapsed > ctx.settings.poll_deadline:
+            return _end(
+                ctx,
+                meta,
+                rec,
+                SUBMITTED,
+                UNCERTAIN,
+                error=f"no answer before the deadline: {exc.message}",
+                reason="poll_deadline",
+                cost=_list_price(meta, rec),
+            )
+        return backoff(polls, 1.0, 30.0)
+    if pred.state is State.RUNNING:
+        if elapsed > ctx.settings.poll_deadline:
+            return _end(
+                ctx,
+                meta,
+                rec,
+                SUBMITTED,
+                UNCERTAIN,
+                reason="poll_deadline",
+                error=f"still {pred.status or 'running'} after {int(elapsed)} s",
+                cost=_list_price(meta, rec),
+            )
+        return min(10.0, 0.5 * 1.5 ** min(polls, 10))
+    _learn(ctx, run_id, rec.spec.model, pred.predict_time or elapsed)
+    if pred.state is State.FAILED:
+        error = pred.error or f"the prediction ended '{pred.status}'"
+        return _end(ctx, meta, rec, SUBMITTED, FAILED, error=error, reason=pred.status or "failed")
+    price = pred.price_micros if pred.price_micros is not None else _list_price(meta, rec)
+    if not pred.outputs:
+        return _end(
+            ctx, meta, rec, SUBMITTED, FAILED, error="completed without outputs", reason="no_outputs", cost=price
+        )
+    ctx.slots.release(f"{run_id}:{rec.id}")
+    ctx.runs.transition(
+        run_id, rec.id, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), price_micros=str(price)
+    )
+    return NEXT
+
+
+# -- fetching: stream each output, check it, store it -----------------------------------------
+
+
+def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    run_id = rec.run_id
+    price = rec.price_micros if rec.price_micros is not None else _list_price(meta, rec)
+    outputs = list(rec.outputs)
+    client = ctx.client(meta["api_base"])
+    storage = ctx.storage(run_id)
+    for n, url in enumerate(rec.service_outputs):
+        if n < len(outputs):
+            continue
+        try:
+            data = client.download(url).content
+            info = inspect(data)
+        except (NotAnImage, BadOutput, BadRequest) as exc:
+            return _end(
+                ctx,
+                meta,
+                rec,
+                FETCHING,
+                FAILED,
+                error=f"output {n}: {exc}",
+                reason="bad_output",
+                cost=price,
+                outputs=outputs,
+            )
+        except ServiceError as exc:
+            k = ctx.runs.incr(run_id, rec.id, "fetch_attempts")
+            ctx.runs.bump(run_id, "retries")
+            if k >= ctx.settings.max_fetch_attempts:
+                return _end(
+                    ctx,
+                    meta,
+                    rec,
+                    FETCHING,
+                    FAILED,
+                    error=f"output {n}: {exc}",
+                    reason="fetch",
+                    cost=price,
+                    outputs=outputs,
+                )
+            return backoff(k, 1.0, 60.0)
+        key = f"outputs/{rec.id}/{n}.{info.extension}"
+        try:
+            uri = storage.put_bytes(
+                key,
+                data,
+                info.content_type,
+                metadata={
+                    "job-id": rec.id,
+                    "model": rec.spec.model,
+                    "prediction-id": rec.prediction_id,
+                    "run-id": run_id,
+                },
+            )
+        except StorageError as exc:
+            k = ctx.runs.incr(run_id, rec.id, "store_attempts")
+            log.warning("storing %s failed (%s); try %d", key, exc, k)
+            return backoff(k, 1.0, 30.0)
+        outputs.append(uri)
+        ctx.runs.update(run_id, rec.id, outputs=outputs)
+    return _end(ctx, meta, rec, FETCHING, SUCCEEDED, cost=price, outputs=outputs)
