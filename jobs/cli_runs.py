@@ -281,25 +281,9 @@ def report_command(run_id: str, output: str | None, s3_endpoint: str | None) -> 
 def worker_command(concurrency: int, queues: str | None, name: str, loglevel: str) -> None:
     """Run a Celery worker for seedream jobs (thread pool, events on for Flower)."""
     from workers.celery import app
+    from workers.local import worker_args
 
-    app.worker_main(
-        [
-            "worker",
-            "--pool",
-            "threads",
-            "--concurrency",
-            str(concurrency),
-            "-Q",
-            queues or _queue(),
-            "-n",
-            name,
-            "--loglevel",
-            loglevel,
-            "--without-gossip",
-            "--without-mingle",
-            "-E",
-        ]
-    )
+    app.worker_main(worker_args(concurrency=concurrency, queue=queues or _queue(), name=name, loglevel=loglevel))
 
 
 COMMANDS = [

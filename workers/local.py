@@ -9,14 +9,9 @@ import sys
 from collections.abc import Mapping
 
 
-def worker_command(*, concurrency: int, queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
-    """The Celery worker command line this project runs (threads: the stages wait on I/O)."""
+def worker_args(*, concurrency: int, queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
+    """Celery worker options this project runs with (threads: the stages wait on I/O; events for Flower)."""
     return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
         "worker",
         "--pool",
         "threads",
@@ -31,6 +26,17 @@ def worker_command(*, concurrency: int, queue: str, name: str, loglevel: str = "
         "--without-gossip",
         "--without-mingle",
         "-E",
+    ]
+
+
+def worker_command(*, concurrency: int, queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        *worker_args(concurrency=concurrency, queue=queue, name=name, loglevel=loglevel),
     ]
 
 

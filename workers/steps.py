@@ -109,6 +109,11 @@ def _end(
     return NEXT  # the loop in `advance` reads the state the job is really in
 
 
+def _uncertain(ctx: Context, meta: dict[str, Any], rec: JobRecord, expect: str, **why: str) -> float:
+    """The outcome is unknown: it may have been billed, so it is counted at list price, never resubmitted."""
+    return _end(ctx, meta, rec, expect, UNCERTAIN, cost=_list_price(meta, rec), **why)
+
+
 def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     """A final job: make sure its durable record is written, then tell the run."""
     raw = ctx.redis.hget(ctx.runs.job_key(rec.run_id, rec.id), "record_written")
@@ -178,16 +183,7 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     try:
         sub = client.submit(rec.spec.model, params)
     except OutcomeUnknown as exc:
-        return _end(
-            ctx,
-            meta,
-            rec,
-            SUBMITTING,
-            UNCERTAIN,
-            error=exc.message,
-            reason="submit_outcome_unknown",
-            cost=_list_price(meta, rec),
-        )
+        return _uncertain(ctx, meta, rec, SUBMITTING, error=exc.message, reason="submit_outcome_unknown")
     except RateLimited as exc:
         ctx.limiter.cool_down("submit", exc.retry_after)
         ctx.runs.bump(run_id, "http_429")
@@ -289,15 +285,13 @@ def _read_input(ctx: Context, kind: str, value: str, path: str | None) -> bytes:
 
 
 def _submitting(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
-    return _end(
+    return _uncertain(
         ctx,
         meta,
         rec,
         SUBMITTING,
-        UNCERTAIN,
         reason="worker_lost_during_submit",
         error="the worker stopped during the submit; the prediction may exist (see /model/history)",
-        cost=_list_price(meta, rec),
     )
 
 
@@ -338,41 +332,23 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
         ctx.runs.update(run_id, rec.id, error=exc.message)
         return None  # left submitted: `resume` polls it again
     except BadRequest as exc:  # 404 for an id the service gave us
-        return _end(
-            ctx,
-            meta,
-            rec,
-            SUBMITTED,
-            UNCERTAIN,
-            error=exc.message,
-            reason="prediction_lost",
-            cost=_list_price(meta, rec),
-        )
+        return _uncertain(ctx, meta, rec, SUBMITTED, error=exc.message, reason="prediction_lost")
     except ServiceError as exc:
         ctx.runs.bump(run_id, "retries")
         if elapsed > ctx.settings.poll_deadline:
-            return _end(
-                ctx,
-                meta,
-                rec,
-                SUBMITTED,
-                UNCERTAIN,
-                error=f"no answer before the deadline: {exc.message}",
-                reason="poll_deadline",
-                cost=_list_price(meta, rec),
+            return _uncertain(
+                ctx, meta, rec, SUBMITTED, error=f"no answer before the deadline: {exc.message}", reason="poll_deadline"
             )
         return backoff(polls, 1.0, 30.0)
     if pred.state is State.RUNNING:
         if elapsed > ctx.settings.poll_deadline:
-            return _end(
+            return _uncertain(
                 ctx,
                 meta,
                 rec,
                 SUBMITTED,
-                UNCERTAIN,
                 reason="poll_deadline",
                 error=f"still {pred.status or 'running'} after {int(elapsed)} s",
-                cost=_list_price(meta, rec),
             )
         return min(10.0, 0.5 * 1.5 ** min(polls, 10))
     _learn(ctx, run_id, rec.spec.model, pred.predict_time or elapsed)
