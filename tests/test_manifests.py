@@ -220,3 +220,26 @@ def test_validation_is_streaming(tmp_path: Path) -> None:
     first = next(gen)
     assert isinstance(first, JobSpec) and first.id == "r0"
     assert os.path.getsize(path) > 500_000
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_run_refuses_every_bad_manifest_before_anything_is_enqueued(
+    name: str, tmp_path: Path, redis_url: str, prefix: str
+) -> None:
+    import redis
+
+    from jobs.runs import ManifestRefused, RunOptions, start_run
+    from workers.context import WorkerSettings
+
+    enqueued: list[str] = []
+
+    def enqueue(run_id: str, ids: object, token: str) -> int:
+        enqueued.extend(list(ids))  # type: ignore[call-overload]
+        return len(enqueued)
+
+    opts = RunOptions(manifest=CORPUS / name, output=str(tmp_path / "out"), api_base="http://127.0.0.1:9/api/v1")
+    with pytest.raises(ManifestRefused):
+        start_run(opts, WorkerSettings(redis_url=redis_url, prefix=prefix), enqueue)
+    assert enqueued == []
+    assert not list(redis.Redis.from_url(redis_url).scan_iter(f"{prefix}:*"))
+    assert not (tmp_path / "out").exists()

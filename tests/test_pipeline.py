@@ -284,3 +284,19 @@ def test_report_cells_cannot_start_a_formula() -> None:
         "ok",
         "3",
     ]
+
+
+def test_payment_refused_halts_the_run(pipe: Pipeline) -> None:
+    pipe.sandbox.reset(balance_usd=0.06, delay="fixed:0.3")  # pays for 2 edits at $0.027
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "2"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 6)
+    pipe.start_workers(1)
+    done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "o"), "--allow-partial", "--wait")
+    assert done.returncode == 3, done.stdout + done.stderr
+    run_id = run_id_of(done.stdout)
+    status = json.loads(pipe.cli("status", run_id, "--json").stdout)
+    assert status["halted"] == "payment_required"
+    assert status["counts"]["succeeded"] == pipe.sandbox.accounting()["billed_count"] >= 1
+    assert status["counts"]["succeeded"] + status["counts"]["skipped"] == 6
+    report = read_report((pipe.tmp / "o" / run_id / "report.csv").read_bytes())
+    assert any("payment_required" in r["error"] for r in report if r["status"] == "skipped")
