@@ -30,6 +30,11 @@ lint: install
 demo: install redis
 	$(BIN)/python scripts/demo.py
 
+chaos: install redis
+	rm -f bench/results/chaos.jsonl
+	$(BIN)/python -m pytest tests/chaos -v
+	$(BIN)/python scripts/chaos_table.py
+
 bench: install redis
 	@set -e; for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
 

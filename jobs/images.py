@@ -70,6 +70,8 @@ def inspect(data: bytes, *, decode: bool = True, max_pixels: int = MAX_PIXELS) -
 
 
 def _plain(exc: BaseException) -> str:
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return "far too many pixels for a photo (a decompression bomb?)"
     if isinstance(exc, UnidentifiedImageError):
         return "not an image (unrecognised content)"
     text = str(exc).split("\n")[0]

@@ -184,6 +184,42 @@ class RunStore:
     def list_key(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:jobs"
 
+    def due_key(self, run_id: str) -> str:
+        """Sorted set: job -> when its next task message should have run (host clock)."""
+        return f"{self.prefix}:run:{run_id}:due"
+
+    @property
+    def active_key(self) -> str:
+        return f"{self.prefix}:runs:active"
+
+    @translated
+    def set_due(self, run_id: str, job_id: str, when: float) -> None:
+        self.client.zadd(self.due_key(run_id), {job_id: when})
+
+    @translated
+    def clear_due(self, run_id: str, job_id: str) -> None:
+        self.client.zrem(self.due_key(run_id), job_id)
+
+    @translated
+    def overdue(self, run_id: str, before: float, limit: int = 200) -> list[str]:
+        return [str(x) for x in self.client.zrangebyscore(self.due_key(run_id), "-inf", before, start=0, num=limit)]
+
+    @translated
+    def active_runs(self) -> list[str]:
+        return sorted(str(x) for x in self.client.smembers(self.active_key))
+
+    @translated
+    def set_active(self, run_id: str, active: bool) -> None:
+        if active:
+            self.client.sadd(self.active_key, run_id)
+        else:
+            self.client.srem(self.active_key, run_id)
+
+    @translated
+    def force_token(self, run_id: str, job_id: str, token: str) -> None:
+        """Take the job away from any message in flight (the reaper and resume do this)."""
+        self.client.hset(self.job_key(run_id, job_id), mapping={"token": token, "next_token": ""})
+
     # -- runs --------------------------------------------------------------------------------
     @translated
     def create_run(self, run_id: str, meta: Mapping[str, Any]) -> bool:
@@ -240,6 +276,8 @@ class RunStore:
             ids.append(spec.id)
         if ids:
             pipe.rpush(self.list_key(run_id), *ids)
+            pipe.zadd(self.due_key(run_id), dict.fromkeys(ids, float(now)))
+            pipe.sadd(self.active_key, run_id)
         pipe.execute()
         return ids
 

@@ -315,8 +315,10 @@ class Runs:
                     self.store.update(run_id, jid, input_urls=[], prediction_id="", record_written="0")
                 else:
                     self.store.update(run_id, jid, record_written="0")
+                self.store.set_due(run_id, jid, time.time())
                 again.append(jid)
         if again:
+            self.store.set_active(run_id, True)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
             enqueue(run_id, again, token)
         return len(again)
@@ -341,8 +343,10 @@ class Runs:
                     not rec.final or self.redis.hget(self.store.job_key(run_id, jid), "record_written") != "1"
                 ):
                     self.store.update(run_id, jid, token=token, next_token="")
+                    self.store.set_due(run_id, jid, time.time())
                     ids.append(jid)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
+            self.store.set_active(run_id, True)
             enqueue(run_id, ids, token)
             return "redis", len(ids)
         if output is None:

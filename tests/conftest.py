@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
@@ -13,6 +15,9 @@ from jobs.config import AtlasConfig, Timeouts
 from sandbox.server import SandboxProcess
 from workers.atlas import AtlasClient
 from workers.retry import Backoff
+
+if TYPE_CHECKING:
+    from tests.pipeline import Pipeline
 
 API_KEY = "sk-test-0123456789abcdef"
 FAST_RETRY = Backoff(attempts=4, initial=0.01, maximum=0.05)
@@ -127,3 +132,15 @@ def _aws_test_credentials() -> Iterator[None]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def pipe(sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Pipeline]:
+    """An end-to-end harness: CLI and Celery workers as subprocesses, a queue and key prefix of its own."""
+    from tests.pipeline import Pipeline
+
+    p = Pipeline(sandbox=sandbox, redis_url=redis_url, prefix=prefix, tmp=tmp_path)
+    yield p
+    p.stop()
+    r = redis.Redis.from_url(redis_url)
+    r.delete(prefix, "unacked", "unacked_index")

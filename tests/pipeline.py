@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from typing import Any
 
 from jobs.runs import Runs
 from sandbox.server import SandboxProcess
-from tests.conftest import API_KEY
-from tests.helpers import wait_for
+from tests.conftest import API_KEY, make_client
+from tests.helpers import image_bytes, wait_for
 from workers.context import WorkerSettings
 from workers.local import LocalWorkers
 
@@ -91,3 +92,41 @@ def run_id_of(output: str) -> str:
 
 def read_report(data: bytes) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+
+
+V4, V45 = "bytedance/seedream-v4/edit", "bytedance/seedream-v4.5/edit"
+
+
+def write_manifest(tmp: Path, rows: list[dict[str, object]]) -> Path:
+    path = tmp / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def catalog(tmp: Path, sandbox: SandboxProcess, n: int) -> tuple[Path, int]:
+    """n rows: both models, a photo shared by several rows, unique local photos and URL inputs."""
+    (tmp / "shared.png").write_bytes(image_bytes(48, 48, color=(200, 10, 10)))
+    with make_client(sandbox) as c:
+        url = c.upload("remote.png", image_bytes(40, 40, color=(0, 0, 250)), "image/png")
+    rows: list[dict[str, object]] = []
+    distinct_local = 1
+    for i in range(n):
+        if i % 3 == 0:
+            images: list[str] = ["shared.png"]
+        elif i % 3 == 1:
+            (tmp / f"p{i}.jpg").write_bytes(image_bytes(32 + i, 32, "JPEG", color=(i * 7 % 255, 90, 20)))
+            images = [f"p{i}.jpg", url]
+            distinct_local += 1
+        else:
+            images = [url]
+        rows.append(
+            {
+                "id": f"sku-{i:03d}",
+                "prompt": f"same product on white marble #{i}",
+                "images": images,
+                "model": V45 if i % 4 == 0 else V4,
+                "sku": f"S{i}",
+                "note": '=HYPERLINK("x")' if i == 2 else "ok",
+            }
+        )
+    return write_manifest(tmp, rows), distinct_local

@@ -5,67 +5,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
-import pytest
 import redis
 
 from jobs.images import inspect
 from jobs.report import cell
-from sandbox.server import SandboxProcess
-from tests.conftest import API_KEY, make_client
+from tests.conftest import API_KEY
 from tests.helpers import image_bytes, wait_for
-from tests.pipeline import Pipeline, read_report, run_id_of
+from tests.pipeline import Pipeline, catalog, read_report, run_id_of, write_manifest
 
 V4, V45 = "bytedance/seedream-v4/edit", "bytedance/seedream-v4.5/edit"
 PRICES = {V4: 27_000, V45: 36_000}
-
-
-@pytest.fixture
-def pipe(sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Pipeline]:
-    p = Pipeline(sandbox=sandbox, redis_url=redis_url, prefix=prefix, tmp=tmp_path)
-    yield p
-    p.stop()
-    r = redis.Redis.from_url(redis_url)
-    for key in (prefix, f"{prefix}\x06\x16", "unacked", "unacked_index"):
-        r.delete(key)
-
-
-def write_manifest(tmp: Path, rows: list[dict[str, object]]) -> Path:
-    path = tmp / "manifest.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def catalog(tmp: Path, sandbox: SandboxProcess, n: int) -> tuple[Path, int]:
-    """n rows: both models, a photo shared by several rows, unique local photos and URL inputs."""
-    (tmp / "shared.png").write_bytes(image_bytes(48, 48, color=(200, 10, 10)))
-    with make_client(sandbox) as c:
-        url = c.upload("remote.png", image_bytes(40, 40, color=(0, 0, 250)), "image/png")
-    rows: list[dict[str, object]] = []
-    distinct_local = 1
-    for i in range(n):
-        if i % 3 == 0:
-            images: list[str] = ["shared.png"]
-        elif i % 3 == 1:
-            (tmp / f"p{i}.jpg").write_bytes(image_bytes(32 + i, 32, "JPEG", color=(i * 7 % 255, 90, 20)))
-            images = [f"p{i}.jpg", url]
-            distinct_local += 1
-        else:
-            images = [url]
-        rows.append(
-            {
-                "id": f"sku-{i:03d}",
-                "prompt": f"same product on white marble #{i}",
-                "images": images,
-                "model": V45 if i % 4 == 0 else V4,
-                "sku": f"S{i}",
-                "note": '=HYPERLINK("x")' if i == 2 else "ok",
-            }
-        )
-    return write_manifest(tmp, rows), distinct_local
 
 
 def test_mixed_manifest_ends_in_s3_consistent_with_the_service(pipe: Pipeline, s3_endpoint: str) -> None:

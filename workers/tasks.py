@@ -8,6 +8,7 @@ each message so a duplicated message finds itself stale and stops.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 
@@ -18,12 +19,14 @@ from workers.context import get_context
 from workers.steps import advance
 
 log = logging.getLogger("seedream.tasks")
+STEP_LEASE = 180.0  # a step (HTTP calls with timeouts and bounded retries) ends well within this
 
 
 @app.task(name="seedream.job", bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore[no-untyped-def]
     ctx = get_context()
     try:
+        ctx.runs.set_due(run_id, job_id, time.time() + STEP_LEASE)  # running now: not overdue
         countdown = advance(ctx, run_id, job_id, token)
     except StateError as exc:  # Redis away: try the same message again shortly
         log.warning("job %s/%s: %s; retrying", run_id, job_id, exc)
@@ -35,9 +38,11 @@ def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore
             return
         countdown = min(60.0, 2.0**n)
     if countdown is None:
+        ctx.runs.clear_due(run_id, job_id)
         return
     new = uuid.uuid4().hex
     if ctx.runs.announce_token(run_id, job_id, token, new):
+        ctx.runs.set_due(run_id, job_id, time.time() + max(0.0, countdown))
         queue = ctx.meta(run_id).get("queue") or None
         run_job.apply_async((run_id, job_id, new), countdown=max(0.0, countdown), queue=queue)
         ctx.runs.commit_token(run_id, job_id, token, new)
@@ -52,6 +57,7 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
         log.warning("report of %s not written yet: %s", run_id, exc)
         raise self.retry(countdown=10) from None
     ctx.runs.set_run(run_id, report_written=True)
+    ctx.runs.set_active(run_id, False)
     log.info("run %s finished: %s", run_id, summary["counts"])
 
 

@@ -1,0 +1,92 @@
+"""The invariants every chaos scenario must leave true, checked against the sandbox's own
+accounting and the stored records, and the figures each scenario reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.images import inspect
+from jobs.records import FINAL
+from sandbox.server import SandboxProcess
+from tests.pipeline import Pipeline, read_report
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "chaos.jsonl"
+
+
+@dataclass
+class Figures:
+    scenario: str
+    jobs: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    faults_injected: int = 0
+    kills: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    cost_drift_micros: int = 0  # report total minus what the sandbox billed (uncertain jobs count at list price)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self) -> None:
+        RESULTS.parent.mkdir(exist_ok=True)
+        with RESULTS.open("a") as fh:
+            fh.write(json.dumps(self.__dict__) + "\n")
+
+
+def check(
+    pipe: Pipeline, run_id: str, output: Path, ids: list[str], figures: Figures, *, budget_micros: int | None = None
+) -> list[dict[str, str]]:
+    """Assert every invariant; fill in the figures; return the report rows."""
+    sb: SandboxProcess = pipe.sandbox
+    acc = sb.accounting()
+    run_dir = output / run_id
+    report = read_report((run_dir / "report.csv").read_bytes())
+    # every manifest row ends in exactly one final status, in manifest order
+    assert [r["id"] for r in report] == ids
+    assert all(r["status"] in FINAL for r in report), [r for r in report if r["status"] not in FINAL][:3]
+    # zero duplicate submissions
+    assert acc["duplicate_fingerprints"] == []
+    # every succeeded job has all its outputs in storage, as valid images, inside the run's folder
+    for r in report:
+        if r["status"] == "succeeded":
+            paths = r["outputs"].split("|")
+            assert paths and all(Path(p).resolve().is_relative_to(run_dir.resolve()) for p in paths)
+            for p in paths:
+                inspect(Path(p).read_bytes())
+    # cost: every prediction the service billed is costed, and nothing it did not bill
+    billed_ids = {
+        r["prediction_id"]
+        for r in report
+        if r["prediction_id"] and sb.admin("GET", f"predictions/{r['prediction_id']}")["billable"]
+    }
+    costed = {
+        r["prediction_id"]
+        for r in report
+        if r["prediction_id"] and r["status"] != "uncertain" and r["cost_usd"] not in ("0", "0.00")
+    }
+    assert costed == billed_ids - {r["prediction_id"] for r in report if r["status"] == "uncertain"}
+    total = sum(round(float(r["cost_usd"]) * 1_000_000) for r in report)
+    if budget_micros is not None:
+        assert total <= budget_micros
+    # no job left in flight, at our side or the service's
+    assert acc["in_flight"] == 0
+    progress = pipe.runs().progress(run_id)
+    assert progress.done and progress.finished == len(ids)
+    # the report and the durable records agree
+    for r in report:
+        rec = json.loads((run_dir / "records" / f"{r['id']}.json").read_text())
+        assert (rec["state"], rec["prediction_id"] or "") == (r["status"], r["prediction_id"]), r["id"]
+    statuses: dict[str, int] = {}
+    for r in report:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    figures.jobs = len(ids)
+    figures.statuses = statuses
+    figures.duplicates = len(acc["duplicate_fingerprints"])
+    figures.lost = len(ids) - sum(statuses.values())
+    figures.cost_drift_micros = total - int(acc["billed_micros"])
+    figures.faults_injected += sum(v for k, v in acc["counts"].items() if k.startswith("injected_")) + acc[
+        "counts"
+    ].get("dropped_submit_answers", 0)
+    figures.save()
+    return report

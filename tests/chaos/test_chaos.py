@@ -1,0 +1,235 @@
+"""Chaos scenarios: real faults injected into real processes, then the same invariants checked.
+
+Randomness is seeded (CHAOS_SEED, default 1234): a failure can be replayed.
+Figures of each scenario are appended to bench/results/chaos.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.invariants import Figures, check
+from tests.helpers import image_bytes, wait_for
+from tests.pipeline import Pipeline, catalog, run_id_of, write_manifest
+
+SEED = int(os.environ.get("CHAOS_SEED", "1234"))
+pytestmark = pytest.mark.chaos
+
+
+def ids_of(manifest: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def start_run(pipe: Pipeline, manifest: Path, *extra: str) -> tuple[str, Path]:
+    out = pipe.tmp / "out"
+    started = pipe.cli("run", str(manifest), "--output", str(out), "--no-wait", *extra)
+    assert started.returncode == 0, started.stdout + started.stderr
+    return run_id_of(started.stdout), out
+
+
+def finish(pipe: Pipeline, run_id: str, timeout: float = 180) -> None:
+    pipe.wait_done(run_id, timeout=timeout)
+    pipe.runs().report(run_id)
+
+
+def test_random_sigkills_with_others_taking_over(pipe: Pipeline) -> None:
+    rng = random.Random(SEED)
+    pipe.sandbox.configure(seed=SEED, delay="uniform:0.3:1.2")
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "10"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 45)
+    workers = [pipe.start_workers(1) for _ in range(3)]
+    run_id, out = start_run(pipe, manifest)
+    figures = Figures("1. random SIGKILLs")
+    for target in (8, 18, 28):
+        wait_for(lambda t=target: pipe.sandbox.accounting()["created"] >= t, timeout=90, what="submits")
+        time.sleep(rng.uniform(0.0, 0.5))  # a random moment: mid-submit, mid-poll or mid-fetch
+        alive = [w for w in workers if w.procs[0].poll() is None]
+        victim = rng.choice(alive)
+        os.kill(victim.procs[0].pid, signal.SIGKILL)
+        figures.kills += 1
+        workers.append(pipe.start_workers(1))
+    finish(pipe, run_id)
+    check(pipe, run_id, out, ids_of(manifest), figures)
+
+
+def test_all_workers_stopped_then_restarted(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(seed=SEED, delay="uniform:0.5:1.5")
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "6"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+    first = pipe.start_workers(2)
+    run_id, out = start_run(pipe, manifest)
+    wait_for(lambda: pipe.sandbox.accounting()["created"] >= 10, timeout=60, what="submits")
+    for p in first.procs:
+        p.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    figures = Figures("2. all workers SIGTERM then SIGKILL, restarted")
+    for p in first.procs:
+        if p.poll() is None:
+            p.kill()
+            figures.kills += 1
+    for p in first.procs:
+        p.wait(10)
+    stalled = pipe.runs().progress(run_id).finished
+    time.sleep(2.0)  # nobody works: nothing may move
+    assert pipe.runs().progress(run_id).finished == stalled
+    pipe.start_workers(2)
+    finish(pipe, run_id)
+    check(pipe, run_id, out, ids_of(manifest), figures)
+
+
+def test_fault_storm(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(
+        seed=SEED,
+        delay="uniform:0.1:0.6",
+        fault_retry_after=1,
+        slow_output_seconds=0.5,
+        faults={
+            "rate_limited": 0.2,
+            "server_error": 0.1,
+            "failed": 0.1,
+            "failed_5xx": 0.05,
+            "timeout_status": 0.05,
+            "drop_submit": 0.1,
+            "output_404": 0.05,
+            "output_slow": 0.1,
+            "output_truncated": 0.2,
+            "output_corrupt": 0.05,
+            "bare_shape": 0.3,
+            "succeeded_spelling": 0.3,
+            "omit_price": 0.3,
+        },
+    )
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 60)
+    pipe.start_workers(2)
+    run_id, out = start_run(pipe, manifest)
+    finish(pipe, run_id, timeout=240)
+    figures = Figures("5. fault storm (429, 5xx, failures, dropped answers, broken outputs)")
+    figures.extra = {"http_429_seen": pipe.sandbox.accounting()["http_429"]}
+    report = check(pipe, run_id, out, ids_of(manifest), figures)
+    assert {r["status"] for r in report} >= {"succeeded", "failed"}
+
+
+def test_budget_runs_out_with_many_concurrent_workers(pipe: Pipeline) -> None:
+    (pipe.tmp / "a.png").write_bytes(image_bytes())
+    manifest = write_manifest(
+        pipe.tmp, [{"id": f"j{i:03d}", "prompt": f"p{i}", "images": ["a.png"]} for i in range(60)]
+    )
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "100"
+    pipe.sandbox.configure(delay="uniform:0.1:0.5")
+    for _ in range(3):
+        pipe.start_workers(1, concurrency=8)
+    cap = 20 * 27_000
+    run_id, out = start_run(pipe, manifest, "--budget", "0.54", "--allow-partial")
+    finish(pipe, run_id)
+    figures = Figures("6. budget runs out mid-run, 3 workers x 8 threads")
+    report = check(pipe, run_id, out, ids_of(manifest), figures, budget_micros=cap)
+    acc = pipe.sandbox.accounting()
+    assert acc["created"] == 20 and acc["billed_micros"] == cap  # exactly the jobs that fit
+    assert sum(r["status"] == "skipped" for r in report) == 40
+
+
+def test_cancel_mid_run(pipe: Pipeline) -> None:
+    pipe.sandbox.configure(delay="fixed:1.5")
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "4"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+    pipe.start_workers(2)
+    run_id, out = start_run(pipe, manifest)
+    wait_for(lambda: pipe.sandbox.accounting()["created"] >= 5, timeout=60, what="submits")
+    assert pipe.cli("cancel", run_id).returncode == 0
+    at_cancel = pipe.sandbox.accounting()["created"]
+    finish(pipe, run_id)
+    figures = Figures("7. cancel during a run")
+    figures.extra = {"submitted_after_cancel": pipe.sandbox.accounting()["created"] - at_cancel}
+    report = check(pipe, run_id, out, ids_of(manifest), figures)
+    assert pipe.sandbox.accounting()["created"] <= at_cancel + 2  # two workers may each be past their last check
+    assert all(r["status"] in ("succeeded", "skipped") for r in report)
+
+
+def test_a_worker_cut_off_mid_run_and_coming_back(pipe: Pipeline) -> None:
+    """Two 'hosts' (separately named workers, own temp dirs); one is frozen (SIGSTOP), as a host
+    cut off from the network is: its jobs come back to the other, and when it wakes it must not
+    submit or bill anything twice."""
+    pipe.sandbox.configure(seed=SEED, delay="uniform:0.5:1.5")
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "8"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+    hosts = []
+    for name in ("host-a", "host-b"):
+        (pipe.tmp / name).mkdir()
+        pipe.extra_env["TMPDIR"] = str(pipe.tmp / name)
+        hosts.append(pipe.start_workers(1))
+    run_id, out = start_run(pipe, manifest)
+    wait_for(lambda: pipe.sandbox.accounting()["created"] >= 8, timeout=60, what="submits")
+    frozen = hosts[0].procs[0]
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        finish(pipe, run_id)  # host-b finishes everything, host-a's jobs included
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    time.sleep(3.0)  # let the woken host run whatever it still held
+    figures = Figures("8. one of two hosts cut off (SIGSTOP) mid-run, then back")
+    figures.kills = 1
+    check(pipe, run_id, out, ids_of(manifest), figures)
+
+
+def test_hostile_input_at_scale_is_refused_whole(pipe: Pipeline, tmp_path: Path) -> None:
+    corpus = Path(__file__).resolve().parents[1] / "manifests_bad"
+    (tmp_path / "good.png").write_bytes(image_bytes())
+    bomb = tmp_path / "bomb.png"  # 25,000 x 25,000 pixels in a few hundred KB
+    from PIL import Image
+
+    Image.new("1", (25_000, 25_000)).save(bomb)
+    (tmp_path / "liar.png").write_bytes(b"PK\x03\x04" + os.urandom(2048))  # a zip, named .png
+    rows: list[dict[str, object]] = [
+        {"id": f"ok-{i}", "prompt": f"=fine prompt {i}", "images": ["good.png"]} for i in range(500)
+    ]
+    hostile = [
+        {"id": "../../../etc/cron.d/x", "prompt": "p", "images": ["good.png"]},
+        {"id": "a/../../b", "prompt": "p", "images": ["good.png"]},
+        {"id": "bomb", "prompt": "p", "images": ["bomb.png"]},
+        {"id": "liar", "prompt": "p", "images": ["liar.png"]},
+        {"id": "huge", "prompt": "x" * (10 * 1024 * 1024), "images": ["good.png"]},
+        {"id": "file", "prompt": "p", "images": ["file:///etc/passwd"]},
+    ]
+    rows[100:100] = hostile
+    manifest = write_manifest(tmp_path, rows)
+    with manifest.open("a") as fh:  # and one of every bad row from the corpus' JSONL files
+        for f in sorted(corpus.glob("*.jsonl")):
+            fh.write(f.read_text())
+    out = tmp_path / "out"
+    refused = pipe.cli("run", str(manifest), "--output", str(out), "--no-wait", timeout=300)
+    assert refused.returncode == 2
+    lines = [ln for ln in refused.stderr.splitlines() if ln.startswith(str(manifest))]
+    assert len({ln.split(":")[1] for ln in lines}) >= len(hostile)  # a clear error per bad row, by line
+    for word in ("not a safe id", "decompression bomb", "not a usable image", "longer than", "scheme 'file'"):
+        assert any(word in ln for ln in lines), word
+    assert pipe.sandbox.accounting()["submit_calls"] == 0 and pipe.sandbox.accounting()["uploads"] == 0
+    assert not out.exists()
+    figures = Figures("9. bad input at scale (506 valid + hostile + corpus rows)")
+    figures.jobs = len(rows)
+    figures.extra = {"problems_reported": len(lines), "spent": 0}
+    figures.save()
+
+
+def test_messages_lost_by_the_broker_are_re_driven(pipe: Pipeline, rconn: object) -> None:
+    """Delete every queued task message (as a broker losing them would): the watchdog finds the
+    overdue jobs and drives them again; nothing is submitted twice."""
+    import redis
+
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 12)
+    run_id, out = start_run(pipe, manifest)
+    r = redis.Redis.from_url(pipe.redis_url)
+    assert r.llen(pipe.prefix) == 12
+    r.delete(pipe.prefix)  # every message gone
+    pipe.start_workers(1)
+    finish(pipe, run_id, timeout=150)
+    figures = Figures("broker lost every queued message")
+    figures.extra = {"redriven": pipe.runs().progress(run_id).counts.get("redriven", 0)}
+    check(pipe, run_id, out, ids_of(manifest), figures)
+    assert figures.extra["redriven"] == 12

@@ -1,0 +1,82 @@
+"""The watchdog that finishes what the broker dropped.
+
+Redis-backed Celery can lose a message in a narrow window (a worker killed between
+popping a message and recording it as unacknowledged). Every job records when its
+next message is due; one worker at a time (a Redis lock) re-drives jobs overdue by
+more than the broker's own redelivery time, with a fresh token so that a late
+original message stops at once. Re-driving is safe: the state machine never
+submits twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+
+from jobs.errors import StateError
+from workers.context import Context
+
+log = logging.getLogger("seedream.reaper")
+
+
+def grace_seconds() -> float:
+    """Longer than the broker's own redelivery (visibility timeout plus its restore sweeps)."""
+    vt = float(os.environ.get("SEEDREAM_VISIBILITY_TIMEOUT", "300"))
+    sweep = float(os.environ.get("SEEDREAM_RESTORE_INTERVAL", "5"))
+    return vt + 3 * sweep + 15.0
+
+
+def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None) -> int:
+    """Re-drive overdue jobs of every active run; return how many."""
+    from workers.tasks import run_job
+
+    grace = grace_seconds() if grace is None else grace
+    now = time.time() if now is None else now
+    lock = f"{ctx.settings.prefix}:reaper:lock"
+    if not ctx.redis.set(lock, uuid.uuid4().hex, nx=True, ex=int(max(10, grace))):
+        return 0
+    redriven = 0
+    try:
+        for run_id in ctx.runs.active_runs():
+            meta = ctx.runs.run_meta(run_id)
+            if meta is None:
+                ctx.runs.set_active(run_id, False)
+                continue
+            for job_id in ctx.runs.overdue(run_id, now - grace):
+                rec = ctx.runs.get(run_id, job_id)
+                if rec is None or (
+                    rec.final and ctx.redis.hget(ctx.runs.job_key(run_id, job_id), "record_written") == "1"
+                ):
+                    ctx.runs.clear_due(run_id, job_id)
+                    continue
+                token = uuid.uuid4().hex
+                ctx.runs.force_token(run_id, job_id, token)
+                ctx.runs.set_due(run_id, job_id, now)
+                run_job.apply_async((run_id, job_id, token), queue=meta.get("queue") or None)
+                ctx.runs.bump(run_id, "redriven")
+                redriven += 1
+                log.warning("job %s/%s was overdue (%s); re-driven", run_id, job_id, rec.state)
+    finally:
+        ctx.redis.delete(lock)
+    return redriven
+
+
+def start_thread(ctx: Context, interval: float | None = None) -> threading.Thread:
+    every = interval if interval is not None else max(2.0, min(30.0, grace_seconds() / 4))
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                sweep(ctx)
+            except StateError as exc:
+                log.warning("reaper: %s", exc)
+            except Exception:
+                log.exception("reaper failed; trying again later")
+
+    thread = threading.Thread(target=loop, name="seedream-reaper", daemon=True)
+    thread.start()
+    return thread
