@@ -48,6 +48,7 @@ class Pipeline:
                 "SEEDREAM_UPLOAD_RATE": "50",
                 "SEEDREAM_MAX_IN_FLIGHT": "32",
                 "SEEDREAM_VISIBILITY_TIMEOUT": "12",
+                "SEEDREAM_STEP_LEASE": "30",
                 "SEEDREAM_RESTORE_INTERVAL": "1",
             }
         )

@@ -8,6 +8,7 @@ each message so a duplicated message finds itself stale and stops.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterable
@@ -19,7 +20,9 @@ from workers.context import get_context
 from workers.steps import advance
 
 log = logging.getLogger("seedream.tasks")
-STEP_LEASE = 180.0  # a step (HTTP calls with timeouts and bounded retries) ends well within this
+# A step (HTTP calls with timeouts, bounded retries) ends well within this; past it, the watchdog
+# may take the job over.
+STEP_LEASE = float(os.environ.get("SEEDREAM_STEP_LEASE", "180"))
 
 
 @app.task(name="seedream.job", bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -28,7 +31,10 @@ def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore
     try:
         ctx.runs.set_due(run_id, job_id, time.time() + STEP_LEASE)  # running now: not overdue
         countdown = advance(ctx, run_id, job_id, token)
-    except StateError as exc:  # Redis away: try the same message again shortly
+    except StateError as exc:
+        # Redis (state and broker) is away: try this message again shortly. If even the retry
+        # cannot be published, Celery drops the message; the job is then overdue once its step
+        # lease ends and the watchdog (workers/reaper.py) drives it again.
         log.warning("job %s/%s: %s; retrying", run_id, job_id, exc)
         raise self.retry(countdown=5) from None
     except Exception:

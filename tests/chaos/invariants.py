@@ -10,6 +10,7 @@ from typing import Any
 
 from jobs.images import inspect
 from jobs.records import FINAL
+from jobs.storage import open_storage
 from sandbox.server import SandboxProcess
 from tests.pipeline import Pipeline, read_report
 
@@ -35,13 +36,26 @@ class Figures:
 
 
 def check(
-    pipe: Pipeline, run_id: str, output: Path, ids: list[str], figures: Figures, *, budget_micros: int | None = None
+    pipe: Pipeline,
+    run_id: str,
+    output: Path | str,
+    ids: list[str],
+    figures: Figures,
+    *,
+    budget_micros: int | None = None,
 ) -> list[dict[str, str]]:
     """Assert every invariant; fill in the figures; return the report rows."""
     sb: SandboxProcess = pipe.sandbox
     acc = sb.accounting()
-    run_dir = output / run_id
-    report = read_report((run_dir / "report.csv").read_bytes())
+    storage = open_storage(str(output), run_id, endpoint_url=pipe.s3_endpoint)
+    inside = storage.uri("outputs/x")[: -len("x")]
+
+    def read(key: str) -> bytes:
+        data = storage.get_bytes(key)
+        assert data is not None, f"{key} is missing from storage"
+        return data
+
+    report = read_report(read("report.csv"))
     # every manifest row ends in exactly one final status, in manifest order
     assert [r["id"] for r in report] == ids
     assert all(r["status"] in FINAL for r in report), [r for r in report if r["status"] not in FINAL][:3]
@@ -50,10 +64,10 @@ def check(
     # every succeeded job has all its outputs in storage, as valid images, inside the run's folder
     for r in report:
         if r["status"] == "succeeded":
-            paths = r["outputs"].split("|")
-            assert paths and all(Path(p).resolve().is_relative_to(run_dir.resolve()) for p in paths)
-            for p in paths:
-                inspect(Path(p).read_bytes())
+            uris = r["outputs"].split("|")
+            assert uris and all(u.startswith(inside) for u in uris)
+            for u in uris:
+                inspect(read("outputs/" + u[len(inside) :]))
     # cost: every prediction the service billed is costed, and nothing it did not bill
     billed_ids = {
         r["prediction_id"]
@@ -75,7 +89,7 @@ def check(
     assert progress.done and progress.finished == len(ids)
     # the report and the durable records agree
     for r in report:
-        rec = json.loads((run_dir / "records" / f"{r['id']}.json").read_text())
+        rec = json.loads(read(f"records/{r['id']}.json"))
         assert (rec["state"], rec["prediction_id"] or "") == (r["status"], r["prediction_id"]), r["id"]
     statuses: dict[str, int] = {}
     for r in report:

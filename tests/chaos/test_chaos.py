@@ -233,3 +233,60 @@ def test_messages_lost_by_the_broker_are_re_driven(pipe: Pipeline, rconn: object
     figures.extra = {"redriven": pipe.runs().progress(run_id).counts.get("redriven", 0)}
     check(pipe, run_id, out, ids_of(manifest), figures)
     assert figures.extra["redriven"] == 12
+
+
+def test_s3_endpoint_down_for_a_while(pipe: Pipeline, s3_endpoint: str) -> None:
+    """The S3 endpoint disappears mid-run (a proxy in front of it is stopped) and comes back:
+    outputs and records are retried, none is lost."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    from sandbox.server import free_port
+
+    port, target = free_port(), int(s3_endpoint.rsplit(":", 1)[1])
+    cmd = [sys.executable, "-m", "tests.chaos.proxy", str(port), str(target)]
+    proxy = subprocess.Popen(cmd)
+    pipe.s3_endpoint = f"http://127.0.0.1:{port}"
+    bucket = f"chaos-{pipe.prefix.lower()}"
+    wait_for(lambda: _can_create(pipe.s3_endpoint, bucket), timeout=20, what="proxy")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    pipe.sandbox.configure(delay="uniform:0.3:0.8")
+    pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "6"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+    pipe.start_workers(2)
+    output = f"s3://{bucket}/chaos"
+    started = pipe.cli("run", str(manifest), "--output", output, "--no-wait")
+    run_id = run_id_of(started.stdout)
+
+    def stored_outputs() -> int:
+        page = s3.list_objects_v2(Bucket=bucket, Prefix=f"chaos/{run_id}/outputs/")
+        return int(page.get("KeyCount", 0))
+
+    wait_for(lambda: stored_outputs() >= 5, timeout=60, what="some outputs")
+    proxy.kill()
+    proxy.wait(5)
+    down_at = stored_outputs()
+    time.sleep(6.0)  # the endpoint is gone: workers keep retrying
+    assert stored_outputs() == down_at
+    proxy = subprocess.Popen(cmd)
+    try:
+        finish(pipe, run_id, timeout=180)
+        figures = Figures("4. S3 endpoint down for 6 s mid-run")
+        figures.extra = {"outputs_stored_before_outage": down_at}
+        report = check(pipe, run_id, output, ids_of(manifest), figures)
+        assert {r["status"] for r in report} == {"succeeded"}
+    finally:
+        proxy.kill()
+
+
+def _can_create(endpoint: str, bucket: str) -> bool:
+    import boto3
+    import botocore.exceptions
+
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        return True
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+        return False
