@@ -9,6 +9,8 @@ come back (a Celery countdown), so the rate is used fully without a thundering h
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -53,13 +55,6 @@ end
 return tostring(cur - now)
 """
 
-_COOLING = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cool = tonumber(redis.call('GET', KEYS[1]) or '0')
-return tostring(math.max(0, cool - now))
-"""
-
 
 @dataclass(frozen=True)
 class Grant:
@@ -87,7 +82,6 @@ class RateLimiter:
         self.base = f"{prefix}:rate:{key_id}"
         self._acquire = script(client, _ACQUIRE)
         self._cool = script(client, _COOL)
-        self._cooling = script(client, _COOLING)
         self.backoff = (backoff_initial, backoff_max)
 
     def rate_of(self, kind: str) -> tuple[float, int]:
@@ -111,6 +105,15 @@ class RateLimiter:
         )
         return Grant(go=bool(int(go)), wait=max(0.0, float(wait)))
 
+    def take(self, kind: str, sleep: Callable[[float], None] = time.sleep) -> float:
+        """0.0 once it is this caller's turn (after a short in-place wait for its slot), or the
+        seconds to come back later (a Celery countdown: no worker thread waits that long)."""
+        grant = self.acquire(kind)  # the script checks the shared cool-down first
+        if not grant.go:
+            return max(grant.wait, 0.001)
+        sleep(grant.wait)
+        return 0.0
+
     @translated
     def cool_down(self, kind: str, retry_after: float | None) -> float:
         """Pause every worker's calls of this kind: Retry-After when sent, else growing backoff."""
@@ -120,12 +123,3 @@ class RateLimiter:
             args=[repr(seconds), repr(self.backoff[0]), repr(self.backoff[1])],
         )
         return float(out)
-
-    @translated
-    def cooling(self, kind: str) -> float:
-        """Seconds left of this kind's cool-down (0 when none): checked again right before a call."""
-        return float(self._cooling(keys=[f"{self.base}:{kind}:cool"]))
-
-    @translated
-    def clear_strikes(self, kind: str) -> None:
-        self.client.delete(f"{self.base}:{kind}:strikes")

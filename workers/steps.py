@@ -157,13 +157,9 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     wait = ctx.slots.acquire(key)
     if wait > 0:
         return min(wait, 2.0)
-    cooling = ctx.limiter.cooling("submit")
-    if cooling > 0:
-        return cooling
-    grant = ctx.limiter.acquire("submit")
-    if not grant.go:
-        return grant.wait
-    time.sleep(grant.wait)
+    later = ctx.limiter.take("submit")
+    if later:
+        return later
     halted = ctx.control.halted(run_id)
     if halted:
         return _end(ctx, meta, rec, PENDING, SKIPPED, reason=halted)
@@ -236,11 +232,10 @@ def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[
         if url == "pending" or not ctx.redis.set(cache, "pending", nx=True, ex=120):
             return 0.3  # another job is uploading the same photo
         try:
-            grant = ctx.limiter.acquire("upload")
-            if not grant.go:
+            later = ctx.limiter.take("upload")
+            if later:
                 ctx.redis.delete(cache)
-                return grant.wait
-            time.sleep(grant.wait)
+                return later
             try:
                 ext = inspect(data, decode=False).extension
             except NotAnImage as exc:
@@ -312,13 +307,9 @@ def _learn(ctx: Context, run_id: str, model: str, seconds: float) -> None:
 def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     run_id = rec.run_id
     ctx.slots.renew(f"{run_id}:{rec.id}")
-    cooling = ctx.limiter.cooling("poll")
-    if cooling > 0:
-        return cooling
-    grant = ctx.limiter.acquire("poll")
-    if not grant.go:
-        return grant.wait
-    time.sleep(grant.wait)
+    later = ctx.limiter.take("poll")
+    if later:
+        return later
     polls = ctx.runs.incr(run_id, rec.id, "polls")
     ctx.runs.bump(run_id, "polls")
     elapsed = time.time() - (rec.submitted_at or time.time())
