@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from jobs.config import Limits
 from jobs.errors import ConfigError
-from jobs.estimate import estimate, render_text
+from jobs.estimate import render_text, scan
 from jobs.models import ModelTable, usd_to_micros
-from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
 from sandbox.settings import Faults, SandboxSettings
 
@@ -124,10 +122,8 @@ def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: 
 
 
 def _print_problems(result: Result) -> None:
-    for problem in result.problems:
-        click.echo(str(problem), err=True)
-    if result.more_problems:
-        click.echo(f"... and {result.more_problems:,} more problems", err=True)
+    for line in result.lines():
+        click.echo(line, err=True)
 
 
 @main.command()
@@ -188,17 +184,7 @@ def estimate_command(
         limits = Limits.from_env(submit_rate=rate)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    result = Result()
-
-    def valid_jobs() -> Iterator[JobSpec]:
-        for item in validator.results():
-            if isinstance(item, JobSpec):
-                yield item
-            else:
-                result.invalid_rows += 1 if item and item[0].line else 0
-                result.add(item)
-
-    est = estimate(valid_jobs(), validator.table, budget_micros=budget_micros, rate=limits.submit_rate)
+    result, est, _ = scan(validator, budget_micros=budget_micros, rate=limits.submit_rate)
     if not result.ok:
         _print_problems(result)
         if not skip_invalid:

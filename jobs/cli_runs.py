@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -153,8 +154,8 @@ def run_command(
                 client_factory=lambda base: AtlasClient(settings.atlas.with_(api_base=base)),
             )
         except ManifestRefused as exc:
-            for problem in exc.result.problems:
-                click.echo(str(problem), err=True)
+            for line in exc.result.lines():
+                click.echo(line, err=True)
             click.echo(f"{manifest}: the manifest has problems; nothing was enqueued or spent", err=True)
             sys.exit(EXIT_INVALID)
         except PreflightRefused as exc:
@@ -182,11 +183,18 @@ def run_command(
             local.stop()
 
 
-def _runs() -> Runs:
+@contextlib.contextmanager
+def _click_errors() -> Iterator[None]:
+    """The project's errors become a one-line CLI error, not a traceback."""
     try:
-        return Runs(settings_from_env())
+        yield
     except SeedreamError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _runs() -> Runs:
+    with _click_errors():
+        return Runs(settings_from_env())
 
 
 @click.command("status")
@@ -194,10 +202,8 @@ def _runs() -> Runs:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: counts, cost, rate, ETA.")
 def status_command(run_id: str, as_json: bool) -> None:
     """Counts by status, cost so far, rate and ETA of RUN_ID."""
-    try:
+    with _click_errors():
         p = _runs().progress(run_id)
-    except SeedreamError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else _line(p))
 
 
@@ -206,10 +212,8 @@ def status_command(run_id: str, as_json: bool) -> None:
 def watch_command(run_id: str) -> None:
     """Follow RUN_ID until it ends; exit 0 if every job succeeded, 3 otherwise."""
     runs = _runs()
-    try:
+    with _click_errors():
         p = runs.wait(run_id, _printer())
-    except SeedreamError as exc:
-        raise click.ClickException(str(exc)) from None
     sys.exit(_exit_code(p))
 
 
@@ -217,10 +221,8 @@ def watch_command(run_id: str) -> None:
 @click.argument("run_id")
 def cancel_command(run_id: str) -> None:
     """Stop new submits of RUN_ID; paid predictions are still fetched and stored; the rest are skipped."""
-    try:
+    with _click_errors():
         reason = _runs().cancel(run_id)
-    except SeedreamError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"run {run_id}: halted ({reason}); jobs already submitted will still be fetched")
 
 
@@ -229,10 +231,8 @@ def cancel_command(run_id: str) -> None:
 def retry_failed_command(run_id: str) -> None:
     """Run the failed jobs of RUN_ID again (a paid result is fetched again, not resubmitted)."""
     runs = _runs()
-    try:
+    with _click_errors():
         n = runs.retry_failed(run_id, _enqueuer(runs.meta(run_id).get("queue") or _queue()))
-    except SeedreamError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"run {run_id}: {n} failed jobs enqueued again")
 
 
@@ -249,10 +249,8 @@ def retry_failed_command(run_id: str) -> None:
 def resume_command(run_id: str, output: str | None, manifest: Path | None, s3_endpoint: str | None) -> None:
     """Continue RUN_ID from Redis, or from its durable records alone; nothing is resubmitted."""
     runs = _runs()
-    try:
+    with _click_errors():
         source, n = runs.resume(run_id, output, _enqueuer(_queue()), manifest=manifest, s3_endpoint=s3_endpoint)
-    except SeedreamError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
 
 
@@ -262,14 +260,12 @@ def resume_command(run_id: str, output: str | None, manifest: Path | None, s3_en
 @click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
 def report_command(run_id: str, output: str | None, s3_endpoint: str | None) -> None:
     """Write report.csv and summary.json of RUN_ID now (also done when the run ends)."""
-    try:
+    with _click_errors():
         runs = _runs()
         if runs.store.run_meta(run_id) is None and output:
             summary = report_from_storage(output, run_id, s3_endpoint)
         else:
             summary = runs.report(run_id)
-    except SeedreamError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary, indent=2))
 
 

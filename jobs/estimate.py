@@ -7,12 +7,14 @@ a more expensive row refused while a cheaper later one may still fit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobs.models import ModelTable, micros_to_usd
 from manifests.spec import JobSpec
+from manifests.validate import Result, Validator
 
 
 @dataclass
@@ -24,6 +26,20 @@ class Estimate:
     fit_jobs: int | None = None
     fit_micros: int | None = None
     rate: float | None = None
+    # each job's price in manifest order (8 bytes a job), so the fit under another budget
+    # is derived without reading the manifest again
+    prices: array[int] = field(default_factory=lambda: array("q"), repr=False, compare=False)
+
+    def with_budget(self, budget_micros: int | None) -> Estimate:
+        """The same estimate, with the jobs that fit `budget_micros` in manifest order."""
+        if budget_micros is None:
+            return replace(self, budget_micros=None, fit_jobs=None, fit_micros=None)
+        spent = fit = 0
+        for price in self.prices:
+            if spent + price <= budget_micros:
+                spent += price
+                fit += 1
+        return replace(self, budget_micros=budget_micros, fit_jobs=fit, fit_micros=spent)
 
     @property
     def min_seconds(self) -> float | None:
@@ -54,8 +70,7 @@ class Estimate:
 def estimate(
     jobs: Iterable[JobSpec], table: ModelTable, *, budget_micros: int | None = None, rate: float | None = None
 ) -> Estimate:
-    est = Estimate(budget_micros=budget_micros, rate=rate)
-    spent = fit = 0
+    est = Estimate(rate=rate)
     for job in jobs:
         spec = table.models[job.model]
         row = est.by_model.setdefault(job.model, {"jobs": 0, "price_micros": spec.price_micros, "cost_micros": 0})
@@ -63,12 +78,32 @@ def estimate(
         row["cost_micros"] += spec.price_micros
         est.jobs += 1
         est.total_micros += spec.price_micros
-        if budget_micros is not None and spent + spec.price_micros <= budget_micros:
-            spent += spec.price_micros
-            fit += 1
-    if budget_micros is not None:
-        est.fit_jobs, est.fit_micros = fit, spent
-    return est
+        est.prices.append(spec.price_micros)
+    return est.with_budget(budget_micros)
+
+
+def scan(
+    validator: Validator, *, budget_micros: int | None = None, rate: float | None = None
+) -> tuple[Result, Estimate, list[str]]:
+    """One streaming pass over a manifest: its problems, the estimate of its valid rows, and the
+    metadata columns in first-seen order."""
+    result = Result()
+    columns: dict[str, None] = {}
+
+    def valid_jobs() -> Iterator[JobSpec]:
+        for item in validator.results():
+            if isinstance(item, JobSpec):
+                result.jobs += 1
+                result.by_model[item.model] += 1
+                if len(columns) < 200:
+                    columns.update(dict.fromkeys(str(k) for k in item.metadata))
+                yield item
+            else:
+                result.invalid_rows += 1 if item and item[0].line else 0
+                result.add(item)
+
+    est = estimate(valid_jobs(), validator.table, budget_micros=budget_micros, rate=rate)
+    return result, est, list(columns)
 
 
 def format_duration(seconds: float) -> str:

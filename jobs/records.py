@@ -96,10 +96,16 @@ class JobRecord:
     submitted_at: float | None = None
     finished_at: float | None = None
     created_at: float | None = None
+    record_written: bool = False  # the final durable record is in storage
 
     @property
     def final(self) -> bool:
         return self.state in FINAL
+
+    @property
+    def settled(self) -> bool:
+        """Final, and its durable record written: nothing more to do for this job."""
+        return self.final and self.record_written
 
     def to_json(self) -> dict[str, Any]:
         """The durable record (records/<id>.json): everything to report and resume, no secrets."""
@@ -300,6 +306,17 @@ class RunStore:
         raw = cast(dict[str, str], self.client.hgetall(self.job_key(run_id, job_id)))
         return _record(run_id, job_id, raw) if raw else None
 
+    def iter_records(self, run_id: str, page: int = 500) -> Iterator[JobRecord]:
+        """Every job of the run in manifest order, a page of records per round trip."""
+        ids: list[str] = []
+        for jid in self.iter_job_ids(run_id):
+            ids.append(jid)
+            if len(ids) == page:
+                yield from (r for r in self.get_many(run_id, ids) if r is not None)
+                ids = []
+        if ids:
+            yield from (r for r in self.get_many(run_id, ids) if r is not None)
+
     def get_many(self, run_id: str, job_ids: list[str]) -> list[JobRecord | None]:
         pipe = self.client.pipeline(transaction=False)
         for jid in job_ids:
@@ -385,6 +402,7 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
         polls=int(raw.get("polls") or 0),
         error=raw.get("error", ""),
         reason=raw.get("reason", ""),
+        record_written=raw.get("record_written") == "1",
         submitted_at=num("submitted_at"),
         finished_at=num("finished_at"),
         created_at=num("created_at"),

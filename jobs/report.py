@@ -26,17 +26,6 @@ def cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
-def _records(store: RunStore, run_id: str, page: int = 500) -> Iterator[JobRecord]:
-    ids: list[str] = []
-    for jid in store.iter_job_ids(run_id):
-        ids.append(jid)
-        if len(ids) == page:
-            yield from (r for r in store.get_many(run_id, ids) if r is not None)
-            ids = []
-    if ids:
-        yield from (r for r in store.get_many(run_id, ids) if r is not None)
-
-
 def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list[str]:
     d = rec.to_json() if isinstance(rec, JobRecord) else rec
     cost = d.get("cost_micros") or 0
@@ -101,4 +90,4 @@ def write_report(
 def write_run_report(store: RunStore, storage: Storage, run_id: str) -> dict[str, Any]:
     meta = store.run_meta(run_id) or {}
     meta["run_id"] = run_id
-    return write_report(storage, _records(store, run_id), meta)
+    return write_report(storage, store.iter_records(run_id), meta)

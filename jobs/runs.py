@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 from jobs.budget import Budget
 from jobs.control import CANCELLED, RunControl
 from jobs.errors import ConfigError, SeedreamError
-from jobs.estimate import Estimate, estimate
+from jobs.estimate import Estimate, scan
 from jobs.models import ModelTable
 from jobs.preflight import Verdict, account_balance, check
 from jobs.records import FAILED, FETCHING, FINAL, PENDING, SUBMITTED, RunStore
@@ -86,27 +86,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _scan(validator: Validator, budget_micros: int | None) -> tuple[Result, Estimate, list[str]]:
-    """One streaming pass: problems, estimate and the metadata columns, in first-seen order."""
-    result = Result()
-    columns: dict[str, None] = {}
-
-    def jobs() -> Iterator[JobSpec]:
-        for item in validator.results():
-            if isinstance(item, JobSpec):
-                result.jobs += 1
-                result.by_model[item.model] += 1
-                if len(columns) < 200:
-                    columns.update(dict.fromkeys(str(k) for k in item.metadata))
-                yield item
-            else:
-                result.invalid_rows += 1 if item and item[0].line else 0
-                result.add(item)
-
-    est = estimate(jobs(), validator.table, budget_micros=budget_micros)
-    return result, est, list(columns)
-
-
 def start_run(
     opts: RunOptions,
     settings: WorkerSettings,
@@ -116,7 +95,7 @@ def start_run(
 ) -> Started:
     table = ModelTable.load(opts.models_file, default=opts.model)
     validator = Validator(opts.manifest, table, fmt=opts.fmt, model=opts.model)
-    result, est, metadata_columns = _scan(validator, None)
+    result, est, metadata_columns = scan(validator)
     if not result.ok and not opts.skip_invalid:
         raise ManifestRefused(result)
     if result.jobs == 0:
@@ -131,7 +110,7 @@ def start_run(
     if opts.budget_micros is not None:
         budget.set_cap(opts.budget_micros)
     state = budget.state()
-    est = _with_budget(est, validator, state.remaining_micros)
+    est = est.with_budget(state.remaining_micros)
     balance = None
     messages: list[str] = []
     if opts.check_balance and client_factory is not None:
@@ -178,12 +157,6 @@ def start_run(
         count += enqueue(run_id, store.add_jobs(run_id, batch, INITIAL_TOKEN), INITIAL_TOKEN)
     store.set_run(run_id, enqueued=count)
     return Started(run_id=run_id, jobs=count, estimate=est, result=result, messages=messages)
-
-
-def _with_budget(est: Estimate, validator: Validator, remaining: int | None) -> Estimate:
-    if remaining is None:
-        return est
-    return estimate(validator.jobs(), validator.table, budget_micros=remaining)
 
 
 @dataclass
@@ -305,10 +278,10 @@ class Runs:
         self.meta(run_id)
         again: list[str] = []
         token = secrets.token_hex(8)
-        for jid in list(self.store.iter_job_ids(run_id)):
-            rec = self.store.get(run_id, jid)
-            if rec is None or rec.state != FAILED:
+        for rec in list(self.store.iter_records(run_id)):
+            if rec.state != FAILED:
                 continue
+            jid = rec.id
             target = FETCHING if rec.service_outputs else PENDING
             if self.store.reopen(run_id, jid, FAILED, target, token):
                 if target == PENDING:
@@ -337,14 +310,11 @@ class Runs:
         meta = self.store.run_meta(run_id)
         if meta is not None:
             ids = []
-            for jid in self.store.iter_job_ids(run_id):
-                rec = self.store.get(run_id, jid)
-                if rec is not None and (
-                    not rec.final or self.redis.hget(self.store.job_key(run_id, jid), "record_written") != "1"
-                ):
-                    self.store.update(run_id, jid, token=token, next_token="")
-                    self.store.set_due(run_id, jid, time.time())
-                    ids.append(jid)
+            for rec in list(self.store.iter_records(run_id)):
+                if not rec.settled:
+                    self.store.update(run_id, rec.id, token=token, next_token="")
+                    self.store.set_due(run_id, rec.id, time.time())
+                    ids.append(rec.id)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
             self.store.set_active(run_id, True)
             enqueue(run_id, ids, token)
@@ -447,6 +417,3 @@ def report_from_storage(output: str, run_id: str, s3_endpoint: str | None = None
     records = [storage.get_json(k) for k in storage.list("records") if k.endswith(".json")]
     rows = sorted((r for r in records if isinstance(r, dict)), key=lambda r: int(r.get("line") or 0))
     return write_report(storage, iter(rows), saved)
-
-
-__all__ = ["SUBMITTED", "ManifestRefused", "PreflightRefused", "Progress", "RunOptions", "Runs", "start_run"]

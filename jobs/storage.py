@@ -42,7 +42,24 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
 
 
-class LocalStorage:
+class _JsonOnBytes:
+    """JSON documents stored through a class's own put_bytes/get_bytes."""
+
+    def put_bytes(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> str:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes | None:
+        raise NotImplementedError
+
+    def put_json(self, key: str, obj: Any) -> str:
+        return self.put_bytes(key, _dumps(obj), "application/json")
+
+    def get_json(self, key: str) -> Any | None:
+        data = self.get_bytes(key)
+        return None if data is None else json.loads(data)
+
+
+class LocalStorage(_JsonOnBytes):
     """A folder; writes go to a temp file and are renamed, so a reader never sees half a file."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
@@ -63,9 +80,6 @@ class LocalStorage:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
         return str(path)
 
-    def put_json(self, key: str, obj: Any) -> str:
-        return self.put_bytes(key, _dumps(obj), "application/json")
-
     def get_bytes(self, key: str) -> bytes | None:
         try:
             return self._path(key).read_bytes()
@@ -73,10 +87,6 @@ class LocalStorage:
             return None
         except OSError as exc:
             raise StorageError(f"cannot read {key}: {exc.strerror or exc}") from None
-
-    def get_json(self, key: str) -> Any | None:
-        data = self.get_bytes(key)
-        return None if data is None else json.loads(data)
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self._path(prefix.rstrip("/"))
@@ -90,7 +100,7 @@ class LocalStorage:
         return str(self._path(key))
 
 
-class S3Storage:
+class S3Storage(_JsonOnBytes):
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None, client: Any = None) -> None:
         import boto3
         from botocore.config import Config
@@ -134,9 +144,6 @@ class S3Storage:
         )
         return f"s3://{self.bucket}/{full}"
 
-    def put_json(self, key: str, obj: Any) -> str:
-        return self.put_bytes(key, _dumps(obj), "application/json")
-
     def get_bytes(self, key: str) -> bytes | None:
         out = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
         if out is None:
@@ -145,10 +152,6 @@ class S3Storage:
             return bytes(out["Body"].read())
         except Exception as exc:
             raise StorageError(f"S3 get failed while reading: {type(exc).__name__}") from None
-
-    def get_json(self, key: str) -> Any | None:
-        data = self.get_bytes(key)
-        return None if data is None else json.loads(data)
 
     def list(self, prefix: str) -> Iterator[str]:
         full = self._key(prefix.rstrip("/")) + "/"

@@ -50,6 +50,13 @@ class Result:
     def ok(self) -> bool:
         return not self.problems and not self.more_problems
 
+    def lines(self) -> list[str]:
+        """The problems as printed to a person, with a count of those not kept."""
+        out = [str(p) for p in self.problems]
+        if self.more_problems:
+            out.append(f"... and {self.more_problems:,} more problems")
+        return out
+
     def add(self, problems: list[Problem]) -> None:
         room = MAX_PROBLEMS_KEPT - len(self.problems)
         self.problems.extend(problems[:room])

@@ -47,9 +47,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
                 continue
             for job_id in ctx.runs.overdue(run_id, now - grace):
                 rec = ctx.runs.get(run_id, job_id)
-                if rec is None or (
-                    rec.final and ctx.redis.hget(ctx.runs.job_key(run_id, job_id), "record_written") == "1"
-                ):
+                if rec is None or rec.settled:
                     ctx.runs.clear_due(run_id, job_id)
                     continue
                 token = uuid.uuid4().hex

@@ -116,8 +116,7 @@ def _uncertain(ctx: Context, meta: dict[str, Any], rec: JobRecord, expect: str, 
 
 def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     """A final job: make sure its durable record is written, then tell the run."""
-    raw = ctx.redis.hget(ctx.runs.job_key(rec.run_id, rec.id), "record_written")
-    if raw != "1":
+    if not rec.record_written:
         try:
             ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
         except StorageError as exc:
@@ -237,14 +236,12 @@ def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[
                 ctx.redis.delete(cache)
                 return later
             try:
-                ext = inspect(data, decode=False).extension
+                info = inspect(data, decode=False)
             except NotAnImage as exc:
                 ctx.redis.delete(cache)
                 _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} is not an image: {exc}", reason="input")
                 return NEXT
-            from jobs.images import CONTENT_TYPES
-
-            url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{ext}", data, CONTENT_TYPES[ext])
+            url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
         except RateLimited as exc:
             ctx.redis.delete(cache)
             ctx.limiter.cool_down("upload", exc.retry_after)
@@ -361,6 +358,13 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
 # -- fetching: stream each output, check it, store it -----------------------------------------
 
 
+def _output_lost(
+    ctx: Context, meta: dict[str, Any], rec: JobRecord, error: str, reason: str, price: int, outputs: list[str]
+) -> float:
+    """A paid output that cannot be had: the job fails, and its cost still counts."""
+    return _end(ctx, meta, rec, FETCHING, FAILED, error=error, reason=reason, cost=price, outputs=outputs)
+
+
 def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     run_id = rec.run_id
     price = rec.price_micros if rec.price_micros is not None else _list_price(meta, rec)
@@ -374,32 +378,12 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
             data = client.download(url).content
             info = inspect(data)
         except (NotAnImage, BadOutput, BadRequest) as exc:
-            return _end(
-                ctx,
-                meta,
-                rec,
-                FETCHING,
-                FAILED,
-                error=f"output {n}: {exc}",
-                reason="bad_output",
-                cost=price,
-                outputs=outputs,
-            )
+            return _output_lost(ctx, meta, rec, f"output {n}: {exc}", "bad_output", price, outputs)
         except ServiceError as exc:
             k = ctx.runs.incr(run_id, rec.id, "fetch_attempts")
             ctx.runs.bump(run_id, "retries")
             if k >= ctx.settings.max_fetch_attempts:
-                return _end(
-                    ctx,
-                    meta,
-                    rec,
-                    FETCHING,
-                    FAILED,
-                    error=f"output {n}: {exc}",
-                    reason="fetch",
-                    cost=price,
-                    outputs=outputs,
-                )
+                return _output_lost(ctx, meta, rec, f"output {n}: {exc}", "fetch", price, outputs)
             return backoff(k, 1.0, 60.0)
         key = f"outputs/{rec.id}/{n}.{info.extension}"
         try:
