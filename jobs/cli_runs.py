@@ -144,7 +144,7 @@ def run_command(
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     wait = sys.stdout.isatty() if wait is None else wait
-    local = LocalWorkers(workers, concurrency=concurrency, queue=opts.queue).start() if workers else None
+    local = LocalWorkers(workers, concurrency=concurrency, queue=opts.queue, restart=True).start() if workers else None
     try:
         try:
             started = start_run(

@@ -246,7 +246,7 @@ class Runs:
 
     def storage(self, run_id: str) -> Storage:
         meta = self.meta(run_id)
-        return open_storage(meta["output"], run_id, endpoint_url=meta.get("s3_endpoint") or self.settings.s3_endpoint)
+        return open_storage(meta["output"], run_id, endpoint_url=self.settings.s3_endpoint or meta.get("s3_endpoint"))
 
     def report(self, run_id: str) -> dict[str, Any]:
         return write_run_report(self.store, self.storage(run_id), run_id)

@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -58,6 +59,17 @@ class DropAfterHeaders:
         raise _Dropped()
 
 
+async def _endless(service: Service, head: bytes) -> AsyncIterator[bytes]:
+    """A JPEG's first bytes, then filler for as long as the client keeps reading."""
+    chunk = b"\x00" * 65536
+    service.counts["endless_bytes"] += len(head)
+    yield head
+    while True:
+        service.counts["endless_bytes"] += len(chunk)
+        yield chunk
+        await asyncio.sleep(0)
+
+
 def _envelope(service: Service, data: Any, status: int = 200, message: str = "success") -> JSONResponse:
     if status == 200 and service.bare():
         return JSONResponse(data)
@@ -88,6 +100,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             pred = service.submit(key, body)
         except ApiError as exc:
             return _error(exc)
+        service.counts[f"created_from:{request.client.host if request.client else '?'}"] += 1
         if service.chance(service.settings.faults.drop_submit):
             service.counts["dropped_submit_answers"] += 1
             return DropAfterHeaders()  # type: ignore[return-value]
@@ -107,6 +120,9 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             pred = owned(request, key)
         except ApiError as exc:
             return _error(exc)
+        pred.polls += 1
+        if pred.final and pred.seen_final_at is None:
+            pred.seen_final_at = time.time()
         view = service.view(pred, base(request))
         if pred.final and pred.outcome == "failed_5xx":
             return JSONResponse({"code": 500, "message": "prediction failed", "data": view}, status_code=500)
@@ -160,12 +176,26 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             if len(rendered) >= _RENDER_CACHE_SIZE:
                 rendered.pop(next(iter(rendered)))
             rendered[cache_key] = data
+        if fault == "output_endless":
+            service.counts["endless_streams"] += 1
+            return StreamingResponse(_endless(service, data), media_type="image/jpeg")
         if fault == "output_slow":
             await asyncio.sleep(service.settings.slow_output_seconds)
         if fault == "output_truncated" and index not in pred.truncated_served:
             pred.truncated_served.add(index)
             return DropAfterHeaders(data[: len(data) // 2], len(data), b"image/jpeg")  # type: ignore[return-value]
         return Response(data, media_type="image/jpeg")
+
+    async def bait_file(request: Request) -> Response:
+        """Reached only by a client that followed an output URL to a local address."""
+        service.counts["bait_fetches"] += 1
+        return await output_file(request)
+
+    async def loop_file(request: Request) -> Response:
+        service.counts["redirect_hops"] += 1
+        p = request.path_params
+        hop = int(p["hop"]) if p["hop"].isdigit() else 0
+        return RedirectResponse(f"{base(request)}/files/loop/{p['pid']}/{p['index']}/{hop + 1}", status_code=302)
 
     async def history(request: Request) -> Response:
         try:
@@ -241,6 +271,15 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
     async def admin_health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def admin_timeline(request: Request) -> Response:
+        """Per prediction: when it was created and finished, how often it was polled and when the
+        final status was first seen (the benchmarks' raw data)."""
+        rows = [
+            [p.created, p.completed, p.polls, p.seen_final_at, p.delay]
+            for p in sorted(service.predictions.values(), key=lambda p: p.created)
+        ]
+        return JSONResponse({"columns": ["created", "completed", "polls", "seen_final_at", "delay"], "rows": rows})
+
     async def admin_prediction(request: Request) -> Response:
         pred = service.predictions.get(request.path_params["pid"])
         if pred is None:
@@ -274,11 +313,14 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             Route("/public/v1/balance", balance, methods=["GET"]),
             Route("/files/uploads/{token}/{name}", uploaded_file, methods=["GET"]),
             Route("/files/outputs/{pid}/{name}", output_file, methods=["GET"]),
+            Route("/files/bait/{pid}/{name}", bait_file, methods=["GET"]),
+            Route("/files/loop/{pid}/{index}/{hop}", loop_file, methods=["GET"]),
             Route("/_sandbox/accounting", admin_accounting, methods=["GET"]),
             Route("/_sandbox/config", admin_config, methods=["GET", "POST"]),
             Route("/_sandbox/reset", admin_reset, methods=["POST"]),
             Route("/_sandbox/health", admin_health, methods=["GET"]),
             Route("/_sandbox/predictions/{pid}", admin_prediction, methods=["GET"]),
+            Route("/_sandbox/timeline", admin_timeline, methods=["GET"]),
         ],
         lifespan=lifespan,
     )

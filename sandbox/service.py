@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from PIL import Image
@@ -72,6 +73,8 @@ class SandboxPrediction:
     inputs: list[str] = field(default_factory=list)  # content hashes
     fingerprint: str | None = None
     truncated_served: set[int] = field(default_factory=set)
+    polls: int = 0
+    seen_final_at: float | None = None  # the first poll that reported the final status
 
     @property
     def billable(self) -> bool:
@@ -224,7 +227,7 @@ class Service:
         out_faults: list[str | None] = []
         for _ in range(n):
             fault = None
-            for name in ("output_404", "output_slow", "output_truncated", "output_corrupt"):
+            for name in OUTPUT_FAULTS:
                 if rng.random() < getattr(f, name):
                     fault = name
                     break
@@ -248,6 +251,9 @@ class Service:
             output_faults=out_faults,
         )
         self.counts["created"] += 1
+        for fault in out_faults:
+            if fault:
+                self.counts[f"injected_{fault}"] += 1
         self.predictions[pred.id] = pred
         self.in_flight[key] += 1
         self.frozen_micros[key] += model.price_micros
@@ -342,7 +348,7 @@ class Service:
             out["metrics"] = {"predict_time": round(pred.delay, 3)}
             out["latency_ms"] = int(((pred.completed or pred.created) - pred.created) * 1000)
         if pred.billable:
-            out["outputs"] = [f"{base}/files/outputs/{pred.id}/{i}.jpeg" for i in range(pred.n_outputs)]
+            out["outputs"] = [output_url(base, pred.id, i, pred.output_faults[i]) for i in range(pred.n_outputs)]
             if not pred.omit_price:
                 out["price"] = pred.model.price_micros / 1_000_000
         if pred.error:
@@ -386,6 +392,27 @@ class Service:
             "polls": self.counts["polls"],
             "counts": dict(self.counts),
         }
+
+
+OUTPUT_FAULTS = (
+    "output_404",
+    "output_slow",
+    "output_truncated",
+    "output_corrupt",
+    "output_internal",
+    "output_redirect_loop",
+    "output_endless",
+)
+
+
+def output_url(base: str, pid: str, index: int, fault: str | None) -> str:
+    """Where an output is said to be: hostile faults point somewhere a client must not follow."""
+    if fault == "output_internal":  # the same server under another local name: fetching it is counted
+        parts = urlsplit(base)
+        return f"{parts.scheme}://localhost:{parts.port}/files/bait/{pid}/{index}.jpeg"
+    if fault == "output_redirect_loop":
+        return f"{base}/files/loop/{pid}/{index}/0"
+    return f"{base}/files/outputs/{pid}/{index}.jpeg"
 
 
 def _own_upload_token(url: str) -> str | None:

@@ -26,6 +26,9 @@ class Faults:
     output_slow: float = 0.0  # an output is served after `slow_output_seconds`
     output_truncated: float = 0.0  # the first transfer of an output stops half-way
     output_corrupt: float = 0.0  # an output is garbage bytes served as image/jpeg
+    output_internal: float = 0.0  # an output URL names a local host other than the service (bait if fetched)
+    output_redirect_loop: float = 0.0  # an output URL redirects to the next one, forever
+    output_endless: float = 0.0  # an output is an image/jpeg stream with no length that never ends
     bare_shape: float = 0.0  # an answer comes without the {code, message, data} envelope
     succeeded_spelling: float = 0.0  # a finished prediction says `succeeded`, not `completed`
     omit_price: float = 0.0  # a finished prediction carries no `price` field

@@ -92,34 +92,10 @@ def rconn(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's server mode: a real S3 endpoint over HTTP, reached by boto3 with endpoint_url."""
-    import subprocess
-    import sys
+    from tests.helpers import moto_server
 
-    import httpx
-
-    from sandbox.server import free_port
-    from tests.helpers import wait_for
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/moto-api/", timeout=1).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(up, timeout=30, what="moto server")
+    with moto_server("127.0.0.1") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -60,10 +60,20 @@ class Pipeline:
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([EXE, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def start_workers(self, count: int = 2, concurrency: int = 4) -> LocalWorkers:
+    def start_workers(
+        self, count: int = 2, concurrency: int = 4, *, loglevel: str = "WARNING", restart: bool = False
+    ) -> LocalWorkers:
+        log = str(self.tmp / "workers.log")
         w = LocalWorkers(
-            count, concurrency=concurrency, queue=self.prefix, env=self.env, log_path=str(self.tmp / "workers.log")
-        ).start()
+            count,
+            concurrency=concurrency,
+            queue=self.prefix,
+            env=self.env,
+            log_path=log,
+            loglevel=loglevel,
+            restart=restart,
+        )
+        w.start()
         self.workers.append(w)
         return w
 

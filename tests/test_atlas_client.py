@@ -193,6 +193,39 @@ def test_corrupt_output_is_caught_by_the_image_check(client: AtlasClient, sandbo
         inspect(client.download(pred.outputs[0]).content)
 
 
+def test_output_at_another_local_address_is_not_fetched(client: AtlasClient, sandbox: SandboxProcess) -> None:
+    sandbox.configure(faults={"output_internal": 1.0})
+    pred = finished(client, submit_one(client))
+    assert pred.outputs[0].startswith("http://localhost:")
+    with pytest.raises(BadOutput, match="internal address"):
+        client.download(pred.outputs[0])
+    assert sandbox.accounting()["counts"].get("bait_fetches", 0) == 0
+
+
+def test_another_port_on_the_service_host_is_not_trusted(client: AtlasClient, sandbox: SandboxProcess) -> None:
+    """The sandbox lives on 127.0.0.1: that must not open every local port (Redis on 6379)."""
+    with pytest.raises(BadOutput, match="internal address"):
+        client.download("http://127.0.0.1:6379/files/outputs/x/0.jpeg")
+
+
+def test_output_redirect_loop_ends_after_the_cap(client: AtlasClient, sandbox: SandboxProcess) -> None:
+    sandbox.configure(faults={"output_redirect_loop": 1.0})
+    pred = finished(client, submit_one(client))
+    with pytest.raises(BadOutput, match="too many redirects"):
+        client.download(pred.outputs[0])
+    assert sandbox.accounting()["counts"]["redirect_hops"] == client.config.max_redirects + 1
+
+
+def test_endless_output_stream_is_cut_at_the_cap_over_http(sandbox: SandboxProcess) -> None:
+    sandbox.configure(faults={"output_endless": 1.0})
+    with make_client(sandbox, max_output_bytes=2 * 1024 * 1024) as c:
+        pred = finished(c, submit_one(c))
+        with pytest.raises(BadOutput, match="cut off"):
+            c.download(pred.outputs[0])
+    sent = sandbox.accounting()["counts"]["endless_bytes"]
+    assert 2 * 1024 * 1024 <= sent < 8 * 1024 * 1024  # the server stopped soon after the client hung up
+
+
 def test_bare_response_shape_everywhere(client: AtlasClient, sandbox: SandboxProcess) -> None:
     sandbox.configure(faults={"bare_shape": 1.0})
     pred = finished(client, submit_one(client))

@@ -252,3 +252,29 @@ def test_payment_refused_halts_the_run(pipe: Pipeline) -> None:
     assert status["counts"]["succeeded"] + status["counts"]["skipped"] == 6
     report = read_report((pipe.tmp / "o" / run_id / "report.csv").read_bytes())
     assert any("payment_required" in r["error"] for r in report if r["status"] == "skipped")
+
+
+def test_an_upload_claimed_by_a_host_that_vanished_is_taken_over(pipe: Pipeline, rconn: redis.Redis) -> None:
+    """Rows sharing a photo wait for the one upload in progress; when its claimer is gone (its
+    host cut off before it could release the claim), they stop waiting after UPLOAD_WAIT and
+    upload it themselves, instead of waiting out the claim's 120 s lease."""
+    import hashlib
+    import time
+
+    from workers.steps import UPLOAD_WAIT
+
+    photo = image_bytes(color=(1, 2, 3))
+    (pipe.tmp / "shared.png").write_bytes(photo)
+    rows = [{"id": f"s{i}", "prompt": "p", "images": ["shared.png"]} for i in range(3)]
+    manifest = write_manifest(pipe.tmp, rows)
+    started = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--no-wait")
+    run_id = run_id_of(started.stdout)
+    claim = f"{pipe.prefix}:run:{run_id}:upload:{hashlib.sha256(photo).hexdigest()}"
+    rconn.set(claim, f"pending:{time.time():.3f}", ex=120)  # a claimer that will never come back
+    began = time.monotonic()
+    pipe.start_workers(1)
+    done = pipe.wait_done(run_id, timeout=60)
+    assert done.counts.get("succeeded") == 3
+    took = time.monotonic() - began
+    assert UPLOAD_WAIT <= took < 60, took
+    assert pipe.sandbox.accounting()["uploads"] == 1  # taken over once, then shared again

@@ -138,7 +138,9 @@ class AtlasClient:
             follow_redirects=False,
         )
         # Outputs and uploaded files live on storage hosts: never send them the API key.
-        self._trusted = frozenset({config.api_host, config.api_host.split(":")[0]})
+        # Only the service's own host *and port* is trusted: on 127.0.0.1 the bare host would
+        # also let an answer point us at Redis or any other local port.
+        self._trusted = frozenset({config.api_host})
         self._files = httpx.Client(
             timeout=timeout,
             limits=limits,

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
+
+from workers.liveness import WATCH, LivenessStep
 
 app = Celery("seedream_batch", include=["workers.tasks"])
 app.config_from_object("celeryconfig")
+app.steps["consumer"].add(LivenessStep)
+
+
+@worker_shutting_down.connect
+def _stopping(**_: object) -> None:
+    """A stop that hangs (seen after a lost broker connection) ends after the liveness limit."""
+    WATCH.stopping()
 
 
 @worker_ready.connect

@@ -92,9 +92,10 @@ class Context:
         with self._lock:
             if run_id not in self._storages:
                 meta = self._meta.get(run_id) or {}
-                self._storages[run_id] = open_storage(
-                    meta["output"], run_id, endpoint_url=meta.get("s3_endpoint") or self.settings.s3_endpoint
-                )
+                # This host's own endpoint first: the name that reaches the bucket can differ per host
+                # (a private endpoint, a local gateway); the submitting machine's is the fallback.
+                endpoint = self.settings.s3_endpoint or meta.get("s3_endpoint")
+                self._storages[run_id] = open_storage(meta["output"], run_id, endpoint_url=endpoint)
             return self._storages[run_id]
 
     def budget(self, scope: str) -> Budget:

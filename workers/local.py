@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
+
+log = logging.getLogger("seedream.workers")
 
 
 def worker_args(*, concurrency: int, queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
@@ -41,6 +46,9 @@ def worker_command(*, concurrency: int, queue: str, name: str, loglevel: str = "
 
 
 class LocalWorkers:
+    """N worker processes; with `restart`, one that exits unasked is started again (crash-only:
+    see workers/liveness.py), after a pause that grows while it keeps dying at once."""
+
     def __init__(
         self,
         count: int,
@@ -49,34 +57,76 @@ class LocalWorkers:
         queue: str,
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
+        loglevel: str = "WARNING",
+        restart: bool = False,
     ) -> None:
-        self.count, self.concurrency, self.queue = count, concurrency, queue
+        self.count, self.concurrency, self.queue, self.loglevel = count, concurrency, queue, loglevel
         self.env = dict(os.environ if env is None else env)
         self.log_path = log_path
+        self.restart = restart
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+
+    def _spawn(self, i: int) -> subprocess.Popen[bytes]:
+        cmd = worker_command(
+            concurrency=self.concurrency,
+            queue=self.queue,
+            name=f"seedream-{os.getpid()}-{id(self) % 100000}-{i}@%h",
+            loglevel=self.loglevel,
+        )
+        if not self.log_path:
+            return subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
 
     def start(self) -> LocalWorkers:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        for i in range(self.count):
-            cmd = worker_command(
-                concurrency=self.concurrency,
-                queue=self.queue,
-                name=f"seedream-{os.getpid()}-{id(self) % 100000}-{i}@%h",
-            )
-            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT))
+        with self._lock:
+            self.procs = [self._spawn(i) for i in range(self.count)]
+        if self.restart:
+            self._supervisor = threading.Thread(target=self._supervise, name="seedream-supervisor", daemon=True)
+            self._supervisor.start()
         return self
+
+    def _supervise(self) -> None:
+        pause = [1.0] * self.count
+        started = [time.monotonic()] * self.count
+        while not self._stopping.wait(0.5):
+            for i in range(self.count):
+                with self._lock:
+                    if self._stopping.is_set() or self.procs[i].poll() is None:
+                        continue
+                    code = self.procs[i].returncode
+                    # a worker that ran a while earns a quick restart; one that dies at once waits longer
+                    pause[i] = 1.0 if time.monotonic() - started[i] > 60 else min(30.0, pause[i] * 2)
+                log.warning("worker %d exited (code %s); starting a new one in %.0fs", i, code, pause[i])
+                if self._stopping.wait(pause[i]):
+                    return
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self.procs[i] = self._spawn(i)
+                    started[i] = time.monotonic()
+                    self.restarts += 1
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown (SIGTERM lets running tasks finish), then SIGKILL what is left."""
-        for p in self.procs:
+        self._stopping.set()
+        with self._lock:
+            procs = list(self.procs)
+        for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in self.procs:
+        for p in procs:
             try:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
 
     def __enter__(self) -> LocalWorkers:
         return self.start()

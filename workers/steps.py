@@ -43,6 +43,13 @@ from workers.prediction import State
 
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
+# A job waits this long for another job's upload of the same photo, then uploads it itself
+# (uploads are free; the other host may have been cut off holding the claim).
+UPLOAD_WAIT = 10.0
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', 120) return 1 end
+return 0
+"""
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
@@ -224,12 +231,20 @@ def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[
             return backoff(n)
         sha = hashlib.sha256(data).hexdigest()
         cache = f"{ctx.settings.prefix}:run:{rec.run_id}:upload:{sha}"
-        url = ctx.redis.get(cache)
-        if url and url != "pending":
+        got = ctx.redis.get(cache)
+        url = str(got) if got is not None else ""  # the client decodes responses
+        if url and not url.startswith("pending"):
             urls.append(str(url))
             continue
-        if url == "pending" or not ctx.redis.set(cache, "pending", nx=True, ex=120):
-            return 0.3  # another job is uploading the same photo
+        if url:  # another job is uploading the same photo; if it takes too long, its host may be gone
+            since = float(url.partition(":")[2] or 0)
+            if time.time() - since < UPLOAD_WAIT:
+                return 0.3
+            if not ctx.redis.eval(_TAKE_OVER, 1, cache, url, f"pending:{time.time():.3f}"):
+                return 0.3  # another job took it over first
+            log.warning("upload of %s claimed %.0fs ago, not done; uploading it here", ref.value, time.time() - since)
+        elif not ctx.redis.set(cache, f"pending:{time.time():.3f}", nx=True, ex=120):
+            return 0.3
         try:
             later = ctx.limiter.take("upload")
             if later:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.server import SandboxProcess
 from tests.chaos.invariants import Figures, check
 from tests.helpers import image_bytes, wait_for
 from tests.pipeline import Pipeline, catalog, run_id_of, write_manifest
@@ -173,7 +174,7 @@ def test_a_worker_cut_off_mid_run_and_coming_back(pipe: Pipeline) -> None:
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
     time.sleep(3.0)  # let the woken host run whatever it still held
-    figures = Figures("8. one of two hosts cut off (SIGSTOP) mid-run, then back")
+    figures = Figures("8b. one of two worker processes frozen (SIGSTOP) mid-run, then woken")
     figures.kills = 1
     check(pipe, run_id, out, ids_of(manifest), figures)
 
@@ -281,6 +282,11 @@ def test_s3_endpoint_down_for_a_while(pipe: Pipeline, s3_endpoint: str) -> None:
         proxy.kill()
 
 
+def by_host(sandbox: SandboxProcess, address: str) -> int:
+    """Predictions the service created for calls coming from this address."""
+    return int(sandbox.accounting()["counts"].get(f"created_from:{address}", 0))
+
+
 def _can_create(endpoint: str, bucket: str) -> bool:
     import boto3
     import botocore.exceptions
@@ -290,3 +296,140 @@ def _can_create(endpoint: str, bucket: str) -> bool:
         return True
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
         return False
+
+
+def test_redis_restarted_with_its_data_kept(pipe: Pipeline, tmp_path: Path) -> None:
+    """Redis (append-only file on, as the deploy guide asks) is stopped mid-run and started
+    again on the same port: workers reconnect, or are restarted, and the run completes."""
+    from tests.chaos.redis_server import RedisServer
+
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis").start()
+    pipe.redis_url = server.url
+    try:
+        pipe.sandbox.configure(seed=SEED, delay="uniform:0.3:1.0")
+        pipe.extra_env["SEEDREAM_SUBMIT_RATE"] = "6"
+        manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+        pipe.extra_env["SEEDREAM_LIVENESS"] = "10"
+        workers = pipe.start_workers(2, loglevel="INFO", restart=True)
+        run_id, out = start_run(pipe, manifest)
+        wait_for(lambda: pipe.sandbox.accounting()["created"] >= 8, timeout=60, what="submits")
+        server.stop()
+        time.sleep(3.0)  # Redis is down: the workers lose their connections
+        server.start()
+        finish(pipe, run_id, timeout=150)
+        figures = Figures("3a. Redis stopped and started again mid-run (data kept)")
+        figures.faults_injected = 1
+        figures.extra = {"worker_restarts": workers.restarts}
+        check(pipe, run_id, out, ids_of(manifest), figures)
+    finally:
+        pipe.stop()
+        server.stop()
+
+
+def test_hostile_service_answers_in_a_whole_run(pipe: Pipeline) -> None:
+    """Output URLs to a local address, redirect loops and endless streams: each such job fails
+    with the reason (paid: the service billed it), nothing is fetched from the local address,
+    every loop and stream ends, and the other jobs are untouched."""
+    cap_mb = 2
+    pipe.extra_env["SEEDREAM_MAX_OUTPUT_MB"] = str(cap_mb)
+    hostile = {"output_internal": 0.15, "output_redirect_loop": 0.15, "output_endless": 0.15}
+    pipe.sandbox.configure(seed=SEED, delay="uniform:0.1:0.5", faults=hostile)
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 40)
+    pipe.start_workers(2)
+    run_id, out = start_run(pipe, manifest)
+    finish(pipe, run_id)
+    counts = pipe.sandbox.accounting()["counts"]
+    injected = {name: int(counts.get(f"injected_{name}", 0)) for name in hostile}
+    figures = Figures("untrusted answers: local-address URLs, redirect loops, endless streams")
+    figures.extra = {
+        "local_address_urls": injected["output_internal"],
+        "redirect_loops": injected["output_redirect_loop"],
+        "endless_streams": injected["output_endless"],
+        "fetched_from_local_address": counts.get("bait_fetches", 0),
+        "redirect_hops_followed": counts.get("redirect_hops", 0),
+        "endless_mb_sent": round(counts.get("endless_bytes", 0) / 1024 / 1024, 1),
+    }
+    report = check(pipe, run_id, out, ids_of(manifest), figures)
+    reasons = {"output_internal": "internal address", "output_redirect_loop": "redirects", "output_endless": "cut off"}
+    seen = dict.fromkeys(reasons, 0)
+    for r in report:
+        fault = pipe.sandbox.admin("GET", f"predictions/{r['prediction_id']}")["output_faults"][0]
+        if fault in reasons:
+            seen[fault] += 1
+            assert r["status"] == "failed" and reasons[fault] in r["error"], r
+            assert float(r["cost_usd"]) > 0  # the service billed it; the report says so
+        else:
+            assert r["status"] == "succeeded", r
+    assert seen == injected and all(seen.values()), (seen, injected)  # every kind was really injected
+    assert counts.get("bait_fetches", 0) == 0
+    assert counts["redirect_hops"] <= seen["output_redirect_loop"] * 6  # max_redirects (5) + 1, never retried
+    assert counts["endless_streams"] == seen["output_endless"], counts  # a cut stream is not fetched again
+    # the sandbox counts what it handed to its socket: the cap plus the kernel's loopback buffers (a few MB)
+    assert counts["endless_bytes"] <= seen["output_endless"] * (cap_mb + 10) * 1024 * 1024
+
+
+def test_two_hosts_in_network_namespaces_one_cut_off(pipe: Pipeline, tmp_path: Path) -> None:
+    """Two hosts (network namespaces) reach Redis, S3 and the service only over their own
+    links. Host A's link is taken down mid-run (its connections hang, as in a real outage):
+    host B finishes every job, A's included; when A's link comes back, A submits and bills
+    nothing twice."""
+    import subprocess
+
+    from tests.chaos.netns import make_network
+    from tests.chaos.redis_server import RedisServer
+    from tests.helpers import moto_server
+    from workers.local import worker_command
+
+    network = make_network(2)
+    address, hosts = network.service_address, network.hosts
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", bind=address).start()
+    sandbox = SandboxProcess(host=address).start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with moto_server(address) as s3:
+            net = Pipeline(sandbox=sandbox, redis_url=server.url, prefix=pipe.prefix, tmp=pipe.tmp, s3_endpoint=s3)
+            sandbox.configure(seed=SEED, delay="uniform:0.5:1.5")
+            net.extra_env["SEEDREAM_SUBMIT_RATE"] = "8"
+            bucket = f"netns-{pipe.prefix.lower()}"
+            assert _can_create(s3, bucket)
+            with (pipe.tmp / "workers.log").open("ab") as log:
+                for host in hosts:
+                    (pipe.tmp / host.name).mkdir()
+                    env = net.env | {"TMPDIR": str((pipe.tmp / host.name).resolve())}
+                    cmd = host.wrap(worker_command(concurrency=4, queue=pipe.prefix, name=f"{host.name}@%h"))
+                    procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            manifest, _ = catalog(pipe.tmp, sandbox, 30)
+            output = f"s3://{bucket}/netns"
+            started = net.cli("run", str(manifest), "--output", output, "--no-wait")
+            assert started.returncode == 0, started.stderr
+            run_id = run_id_of(started.stdout)
+            wait_for(lambda: sandbox.accounting()["created"] >= 8, timeout=60, what="submits")
+            wait_for(lambda: by_host(sandbox, hosts[0].address) >= 2, timeout=60, what="host A to submit")
+            hosts[0].cut()
+            cut_at = sandbox.accounting()["created"]
+            time.sleep(1.0)  # a call the sandbox was already serving when the link went down still counts
+            a_before = by_host(sandbox, hosts[0].address)
+            net.wait_done(run_id, timeout=150)  # host B finishes everything, host A's jobs included
+            net.runs().report(run_id)
+            assert procs[1].poll() is None
+            assert by_host(sandbox, hosts[0].address) == a_before  # nothing from A while it was cut off
+            hosts[0].reconnect()
+            time.sleep(5.0)  # host A runs whatever it still held, now that it can reach everyone again
+            figures = Figures("8. two hosts (network namespaces), one cut off mid-run, then back")
+            figures.faults_injected = 1
+            figures.extra = {
+                "submitted_before_cut": cut_at,
+                "by_host_a": by_host(sandbox, hosts[0].address),
+                "by_host_b": by_host(sandbox, hosts[1].address),
+            }
+            check(net, run_id, output, ids_of(manifest), figures)  # and no duplicate once A was back
+            assert figures.extra["by_host_a"] + figures.extra["by_host_b"] == sandbox.accounting()["created"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+        sandbox.stop()
+        server.stop()
+        network.delete()
