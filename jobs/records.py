@@ -340,6 +340,31 @@ class RunStore:
         )
 
     @translated
+    def record_stored(self, run_id: str, job_id: str, *, succeeded: bool) -> None:
+        """The final record is durable in storage: keep in Redis only what the report, `status`
+        and `retry-failed` read (a finished job is most of what a big run leaves in Redis).
+        A failed job keeps its service outputs: a retry fetches them again, never resubmits."""
+        drop = ["input_urls", "next_token"] + (["service_outputs", "error", "reason"] if succeeded else [])
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.job_key(run_id, job_id), "record_written", "1")
+        pipe.hdel(self.job_key(run_id, job_id), *drop)
+        pipe.execute()
+
+    @translated
+    def drop_upload_cache(self, run_id: str) -> int:
+        """The run's photo-to-URL cache, once the run is over (a later retry uploads again: free)."""
+        n = 0
+        batch: list[str] = []
+        for key in self.client.scan_iter(f"{self.prefix}:run:{run_id}:upload:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                n += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            n += int(self.client.unlink(*batch))
+        return n
+
+    @translated
     def incr(self, run_id: str, job_id: str, name: str, by: int = 1) -> int:
         return int(self.client.hincrby(self.job_key(run_id, job_id), name, by))
 

@@ -17,6 +17,7 @@ from jobs.records import RunStore
 from jobs.redisio import DEFAULT_PREFIX, connect
 from jobs.storage import Storage, open_storage
 from workers.atlas import AtlasClient
+from workers.polling import PollTimes
 from workers.ratelimit import RateLimiter
 from workers.retry import Backoff
 from workers.slots import Slots
@@ -56,6 +57,7 @@ class Context:
         self.runs = RunStore(self.redis, prefix=settings.prefix)
         self.control = RunControl(self.redis, prefix=settings.prefix)
         key_id = settings.atlas.api_key.fingerprint()
+        self.polls = PollTimes(self.redis, settings.prefix)
         self.limiter = RateLimiter(self.redis, key_id, settings.limits, prefix=settings.prefix)
         self.slots = Slots(
             self.redis,

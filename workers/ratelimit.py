@@ -3,8 +3,9 @@
 Each kind of call (submit, poll, upload) has its own bucket per API key, kept in
 Redis and timed by Redis's own clock (`TIME`), so hosts with skewed clocks agree.
 It is a reserving GCRA: a caller is handed the next free send time, at most
-`horizon` ahead, and sleeps until then; callers further back are told when to
-come back (a Celery countdown), so the rate is used fully without a thundering herd.
+`horizon` ahead, and sleeps until then; callers further back are given a place in
+line and told to come back just before it (a Celery countdown), so the rate is used
+fully without a thundering herd.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ local horizon = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local slot = math.max(now, tat - tolerance)
 local wait = slot - now
-if wait > horizon then return {0, tostring(wait - horizon)} end
+if wait > horizon then
+  -- a place in line: callers turned away come back one interval apart, in order, a little
+  -- before their turn, instead of all retrying at once (which burns CPU and delays the
+  -- callers whose turn it is)
+  local line = tonumber(redis.call('GET', KEYS[3]) or '0')
+  local ticket = math.max(line, slot) + interval
+  redis.call('SET', KEYS[3], tostring(ticket), 'PX', math.ceil((ticket - now) * 1000) + 1000)
+  return {0, tostring(math.max(ticket - now - horizon / 2, interval))}
+end
 local new_tat = math.max(tat, now) + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now + tolerance) * 1000) + 1000)
 return {1, tostring(wait)}
@@ -100,7 +109,7 @@ class RateLimiter:
         interval = 1.0 / rate
         horizon = max(0.05, min(1.0, 4 * interval))
         go, wait = self._acquire(
-            keys=[f"{self.base}:{kind}:tat", f"{self.base}:{kind}:cool"],
+            keys=[f"{self.base}:{kind}:tat", f"{self.base}:{kind}:cool", f"{self.base}:{kind}:line"],
             args=[repr(interval), repr((burst - 1) * interval), repr(horizon)],
         )
         return Grant(go=bool(int(go)), wait=max(0.0, float(wait)))

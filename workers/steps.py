@@ -130,7 +130,7 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
             n = ctx.runs.incr(rec.run_id, rec.id, "store_attempts")
             log.warning("record of %s not stored yet (%s); try %d", rec.id, exc, n)
             return backoff(n, 1.0, 60.0) if n < ctx.settings.max_store_attempts else None
-        ctx.runs.update(rec.run_id, rec.id, record_written="1")
+        ctx.runs.record_stored(rec.run_id, rec.id, succeeded=rec.state == SUCCEEDED)
         from workers.finish import maybe_finalize
 
         maybe_finalize(ctx, rec.run_id)
@@ -211,7 +211,7 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     ctx.runs.bump(run_id, "submitted")
     rec.prediction_id, rec.state, rec.submitted_at = sub.id, SUBMITTED, now
     _write_record(ctx, rec)
-    return _first_poll(ctx, run_id, rec.spec.model)
+    return ctx.polls.first(run_id, rec.spec.model)
 
 
 def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[str] | float:
@@ -305,17 +305,6 @@ def _submitting(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | N
 # -- submitted: poll, adaptively ----------------------------------------------------------------
 
 
-def _first_poll(ctx: Context, run_id: str, model: str) -> float:
-    typical = ctx.redis.get(f"{ctx.settings.prefix}:run:{run_id}:ptime:{model}")
-    return max(0.2, min(30.0, 0.9 * float(typical))) if typical else 2.0
-
-
-def _learn(ctx: Context, run_id: str, model: str, seconds: float) -> None:
-    key = f"{ctx.settings.prefix}:run:{run_id}:ptime:{model}"
-    old = ctx.redis.get(key)
-    ctx.redis.set(key, repr(seconds if old is None else 0.8 * float(old) + 0.2 * seconds), ex=7 * 86400)
-
-
 def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     run_id = rec.run_id
     ctx.slots.renew(f"{run_id}:{rec.id}")
@@ -353,8 +342,8 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
                 reason="poll_deadline",
                 error=f"still {pred.status or 'running'} after {int(elapsed)} s",
             )
-        return min(10.0, 0.5 * 1.5 ** min(polls, 10))
-    _learn(ctx, run_id, rec.spec.model, pred.predict_time or elapsed)
+        return ctx.polls.again(elapsed)
+    ctx.polls.learn(run_id, rec.spec.model, pred.predict_time or elapsed)
     if pred.state is State.FAILED:
         error = pred.error or f"the prediction ended '{pred.status}'"
         return _end(ctx, meta, rec, SUBMITTED, FAILED, error=error, reason=pred.status or "failed")

@@ -1,0 +1,199 @@
+"""Running whole batches for the benchmarks: the project (CLI + Celery worker processes) and the
+baseline script, against one sandbox, with CPU, memory and the sandbox's timeline measured.
+
+CPU is read from /proc for the worker processes, from Redis's own INFO for Redis, and from
+the rusage of finished children for the CLI and the baseline, so the benchmark's own
+waiting loop is never counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from jobs.runs import Runs  # noqa: E402
+from sandbox.server import SandboxProcess  # noqa: E402
+from workers.context import WorkerSettings  # noqa: E402
+from workers.local import LocalWorkers  # noqa: E402
+
+EXE = str(Path(sys.executable).with_name("seedream-batch"))
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def make_manifest(folder: Path, n: int, distinct_images: int | None = None) -> Path:
+    """n rows, each with a small PNG of its own (or cycling through `distinct_images`)."""
+    images = distinct_images or n
+    for i in range(images):
+        Image.new("RGB", (64, 48), (i % 256, (i // 256) % 256, 90)).save(folder / f"p{i}.png")
+    path = folder / "manifest.jsonl"
+    with path.open("w") as fh:
+        for i in range(n):
+            row = {"id": f"sku-{i:06d}", "prompt": f"same product, white marble {i}", "images": [f"p{i % images}.png"]}
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def children_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
+def redis_cpu(r: redis.Redis) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+@dataclass
+class Project:
+    """Worker processes kept up across runs (started once, warmed up once)."""
+
+    sandbox: SandboxProcess
+    workers: int
+    concurrency: int = 8
+    env_extra: dict[str, str] = field(default_factory=dict)
+    prefix: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:8]}")
+    local: LocalWorkers | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "ATLASCLOUD_API_KEY": "bench-key",
+                "ATLASCLOUD_API_BASE": self.sandbox.api_base,
+                "REDIS_URL": REDIS_URL,
+                "SEEDREAM_PREFIX": self.prefix,
+                "SEEDREAM_QUEUE": self.prefix,
+                "SEEDREAM_SUBMIT_RATE": "10000",
+                "SEEDREAM_SUBMIT_BURST": "50",
+                "SEEDREAM_POLL_RATE": "10000",
+                "SEEDREAM_UPLOAD_RATE": "10000",
+                "SEEDREAM_MAX_IN_FLIGHT": "1000",
+            }
+        )
+        env.update(self.env_extra)
+        return env
+
+    def __enter__(self) -> Project:
+        self.local = LocalWorkers(self.workers, concurrency=self.concurrency, queue=self.prefix, env=self.env).start()
+        with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports, connections, first tasks
+            self.run(make_manifest(Path(tmp), 10), Path(tmp) / "out")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.local:
+            self.local.stop()
+        r = redis.Redis.from_url(REDIS_URL)
+        for key in r.scan_iter(f"{self.prefix}*", count=5000):
+            r.delete(key)
+
+    def pids(self) -> list[int]:
+        assert self.local
+        return [p.pid for p in self.local.procs]
+
+    def run(
+        self, manifest: Path, out: Path, *, sample_rss_at: tuple[int, ...] = (), key_bytes: bool = False
+    ) -> dict[str, Any]:
+        r = redis.Redis.from_url(REDIS_URL)
+        runs = Runs(WorkerSettings.from_env(self.env))
+        cpu0 = {pid: proc_cpu(pid) for pid in self.pids()}
+        rcpu0, mem0, cli0 = redis_cpu(r), int(r.info("memory")["used_memory"]), children_cpu()
+        t0 = time.monotonic()
+        started = subprocess.run(
+            [EXE, "run", str(manifest), "--output", str(out), "--no-wait"], env=self.env, capture_output=True, text=True
+        )
+        if started.returncode != 0:
+            raise RuntimeError(started.stderr)
+        cli_cpu = children_cpu() - cli0
+        run_id = next(ln.split()[1].rstrip(":") for ln in started.stdout.splitlines() if ln.startswith("run "))
+        rss: dict[int, float] = {}
+        pending = sorted(sample_rss_at)
+        while True:
+            p = runs.progress(run_id)
+            while pending and p.finished >= pending[0]:
+                rss[pending.pop(0)] = sum(proc_rss_mb(pid) for pid in self.pids())
+            if p.done:
+                break
+            time.sleep(0.05)
+        seconds = time.monotonic() - t0
+        worker_cpu = sum(proc_cpu(pid) - c for pid, c in cpu0.items())
+        result = {
+            "run_id": run_id,
+            "seconds": seconds,
+            "jobs": p.finished,
+            "counts": dict(p.counts),
+            "cpu_workers_s": worker_cpu,
+            "cpu_redis_s": redis_cpu(r) - rcpu0,
+            "cpu_cli_s": cli_cpu,
+            "redis_bytes": int(r.info("memory")["used_memory"]) - mem0,
+            "rss_mb_at": rss,
+        }
+        report_deadline = time.monotonic() + 60  # the workers write the report last: let them finish
+        while not runs.meta(run_id).get("report_written") and time.monotonic() < report_deadline:
+            time.sleep(0.1)
+        if key_bytes:  # what the run left in Redis, key by key (used_memory moves with the allocator)
+            keys = [k for k in r.scan_iter(f"{self.prefix}:*{run_id}*", count=1000)]
+            result["redis_key_bytes"] = sum(int(r.memory_usage(k) or 0) for k in keys)
+        return result
+
+
+def run_baseline(
+    sandbox: SandboxProcess, manifest: Path, out: Path, *, rate: float, concurrency: int
+) -> dict[str, Any]:
+    cpu0 = children_cpu()
+    cmd = [
+        sys.executable, str(ROOT / "bench" / "baseline.py"), str(manifest), str(out),
+        "--api-base", sandbox.api_base, "--rate", str(rate), "--concurrency", str(concurrency),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    result["cpu_s"] = children_cpu() - cpu0
+    return dict(result)
+
+
+def timeline(sandbox: SandboxProcess) -> dict[str, Any]:
+    """Submit rate over the steady part (middle 80% of submits), polls per job, detection lag."""
+    data = sandbox.admin("GET", "timeline")
+    rows = [dict(zip(data["columns"], row, strict=True)) for row in data["rows"]]
+    created = sorted(r["created"] for r in rows)
+    n = len(created)
+    lo, hi = int(n * 0.1), int(n * 0.9) - 1
+    steady = (hi - lo) / (created[hi] - created[lo]) if n >= 10 and created[hi] > created[lo] else float("nan")
+    finished = [r for r in rows if r["completed"] is not None and r["seen_final_at"] is not None]
+    lags = sorted(r["seen_final_at"] - r["completed"] for r in finished)
+    return {
+        "predictions": n,
+        "steady_submit_rate": steady,
+        "polls_per_job": sum(r["polls"] for r in rows) / n if n else float("nan"),
+        "lag_mean_s": statistics.fmean(lags) if lags else float("nan"),
+        "lag_p90_s": lags[int(len(lags) * 0.9)] if lags else float("nan"),
+        "median_delay_s": statistics.median(r["delay"] for r in rows) if rows else float("nan"),
+    }

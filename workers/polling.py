@@ -1,0 +1,68 @@
+"""When to poll a prediction: one poll per job is the floor, so polls wait for the time most
+predictions of this run and model have taken, then back off in proportion to the time spent.
+
+Prediction times are roughly log-normal, so the run keeps an estimate of the mean and variance
+of their logarithm (in Redis, shared by every worker). The first poll goes out at about the
+75th percentile of the times seen; a prediction still running is polled again after 30% of
+the time it has already taken. For log-normal times with sigma 0.5 that is about 1.4 polls
+per job (polling every 3 s takes ceil(t/3): 3.1 for a median of 8 s); the price is that a
+finished prediction waits for its poll, on average about half the median time. A poll
+costs the service's poll quota; a wait only holds an in-flight slot a little longer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import redis
+
+from jobs.redisio import translated
+
+FIRST_QUANTILE_Z = 0.67  # the 75th percentile of a normal distribution
+AGAIN_FRACTION = 0.3
+DEFAULT_FIRST = 2.0  # before any prediction of the run has finished
+PRIOR_VAR = 0.25  # sigma 0.5 in log space until the run has seen some spread
+MIN_WAIT, MAX_WAIT = 0.2, 60.0
+
+
+class PollTimes:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+
+    def _key(self, run_id: str, model: str) -> str:
+        return f"{self.prefix}:run:{run_id}:ptimes:{model}"
+
+    @translated
+    def first(self, run_id: str, model: str) -> float:
+        mu, var = self.client.hmget(self._key(run_id, model), "mu", "var")
+        if mu is None or var is None:
+            return DEFAULT_FIRST
+        return clamp(math.exp(float(mu) + FIRST_QUANTILE_Z * math.sqrt(float(var))))
+
+    def again(self, elapsed: float) -> float:
+        return clamp(AGAIN_FRACTION * elapsed)
+
+    @translated
+    def learn(self, run_id: str, model: str, seconds: float) -> None:
+        """Running mean at first, then an exponential average (alpha 0.05); races between
+        workers only blur the estimate a little."""
+        key = self._key(run_id, model)
+        x = math.log(max(seconds, 0.05))
+        mu_raw, var_raw, n_raw = self.client.hmget(key, "mu", "var", "n")
+        if mu_raw is None or var_raw is None:
+            mu, var, n = x, PRIOR_VAR, 1
+        else:
+            mu, var, n = float(mu_raw), float(var_raw), int(n_raw or 1)
+            a = max(0.05, 1.0 / (n + 1))
+            d = x - mu
+            mu += a * d
+            var = (1 - a) * (var + a * d * d)
+            n += 1
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping={"mu": repr(mu), "var": repr(var), "n": n})
+        pipe.expire(key, 7 * 86400)
+        pipe.execute()
+
+
+def clamp(seconds: float) -> float:
+    return max(MIN_WAIT, min(MAX_WAIT, seconds))
