@@ -5,7 +5,9 @@ Every run is the same manifest (N rows, a small PNG each) through upload, submit
 download, image check and store to a local folder. CPU per job counts the worker
 processes and Redis (the CLI's enqueue is shown apart); the sandbox shares the same two
 cores, so its own CPU is shown too: it is what the machine spends playing the service.
-Redis memory per finished job is the growth of Redis's used_memory over the run / N.
+Redis memory per finished job is the sum of MEMORY USAGE over the run's keys / N; Redis
+commands per job count every command Redis processed during the run (state, limits and the
+Celery broker, pipelined or not) / N.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
                         "jobs_per_s": got["jobs"] / got["seconds"],
                         "cpu_ms_per_job": 1000 * (got["cpu_workers_s"] + got["cpu_redis_s"]) / JOBS,
                         "of_which_redis_ms": 1000 * got["cpu_redis_s"] / JOBS,
+                        "redis_commands_per_job": got["redis_commands"] / JOBS,
                         "cli_enqueue_ms_per_job": 1000 * got["cpu_cli_s"] / JOBS,
                         "sandbox_ms_per_job": 1000 * (proc_cpu(sb.proc.pid) - sandbox_cpu0) / JOBS,
                         "redis_bytes_per_job": got["redis_key_bytes"] / JOBS,
@@ -61,6 +64,7 @@ def main() -> None:
                 "jobs_per_s": base["jobs"] / base["seconds"],
                 "cpu_ms_per_job": 1000 * base["cpu_s"] / JOBS,
                 "of_which_redis_ms": 0.0,
+                "redis_commands_per_job": 0.0,
                 "cli_enqueue_ms_per_job": 0.0,
                 "sandbox_ms_per_job": 1000 * (proc_cpu(sb.proc.pid) - sandbox_cpu0) / JOBS,
                 "redis_bytes_per_job": 0.0,

@@ -126,6 +126,7 @@ class Project:
         runs = Runs(WorkerSettings.from_env(self.env))
         cpu0 = {pid: proc_cpu(pid) for pid in self.pids()}
         rcpu0, mem0, cli0 = redis_cpu(r), int(r.info("memory")["used_memory"]), children_cpu()
+        cmds0 = int(r.info("stats")["total_commands_processed"])
         t0 = time.monotonic()
         started = subprocess.run(
             [EXE, "run", str(manifest), "--output", str(out), "--no-wait"], env=self.env, capture_output=True, text=True
@@ -152,6 +153,7 @@ class Project:
             "counts": dict(p.counts),
             "cpu_workers_s": worker_cpu,
             "cpu_redis_s": redis_cpu(r) - rcpu0,
+            "redis_commands": int(r.info("stats")["total_commands_processed"]) - cmds0,
             "cpu_cli_s": cli_cpu,
             "redis_bytes": int(r.info("memory")["used_memory"]) - mem0,
             "rss_mb_at": rss,

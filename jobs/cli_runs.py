@@ -88,7 +88,13 @@ def _exit_code(p: Progress) -> int:
 @click.option("--budget", default=None, help="Hard cap in USD; never passed.")
 @click.option("--campaign", default=None, help="Share the budget with other runs of this campaign name.")
 @click.option("--run-id", default=None, help="Name the run (letters, digits, . _ -); default: time + random.")
-@click.option("--workers", "workers", type=int, default=0, help="Start N local worker processes for this run.")
+@click.option(
+    "--workers",
+    "workers",
+    type=int,
+    default=0,
+    help="Start N local worker processes for this run (one that dies is restarted).",
+)
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Threads per local worker.")
 @click.option("--wait/--no-wait", default=None, help="Show progress and wait for the end (default: on a terminal).")
 @click.option("--api-base", default=None, envvar="ATLASCLOUD_API_BASE", help="The service's API base URL.")

@@ -351,20 +351,6 @@ class RunStore:
         pipe.execute()
 
     @translated
-    def drop_upload_cache(self, run_id: str) -> int:
-        """The run's photo-to-URL cache, once the run is over (a later retry uploads again: free)."""
-        n = 0
-        batch: list[str] = []
-        for key in self.client.scan_iter(f"{self.prefix}:run:{run_id}:upload:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                n += int(self.client.unlink(*batch))
-                batch = []
-        if batch:
-            n += int(self.client.unlink(*batch))
-        return n
-
-    @translated
     def incr(self, run_id: str, job_id: str, name: str, by: int = 1) -> int:
         return int(self.client.hincrby(self.job_key(run_id, job_id), name, by))
 

@@ -261,7 +261,7 @@ def test_an_upload_claimed_by_a_host_that_vanished_is_taken_over(pipe: Pipeline,
     import hashlib
     import time
 
-    from workers.steps import UPLOAD_WAIT
+    from workers.uploads import UPLOAD_WAIT, UploadCache
 
     photo = image_bytes(color=(1, 2, 3))
     (pipe.tmp / "shared.png").write_bytes(photo)
@@ -269,7 +269,7 @@ def test_an_upload_claimed_by_a_host_that_vanished_is_taken_over(pipe: Pipeline,
     manifest = write_manifest(pipe.tmp, rows)
     started = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--no-wait")
     run_id = run_id_of(started.stdout)
-    claim = f"{pipe.prefix}:run:{run_id}:upload:{hashlib.sha256(photo).hexdigest()}"
+    claim = UploadCache(rconn, pipe.prefix).key(run_id, hashlib.sha256(photo).hexdigest())
     rconn.set(claim, f"pending:{time.time():.3f}", ex=120)  # a claimer that will never come back
     began = time.monotonic()
     pipe.start_workers(1)

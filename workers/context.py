@@ -21,6 +21,7 @@ from workers.polling import PollTimes
 from workers.ratelimit import RateLimiter
 from workers.retry import Backoff
 from workers.slots import Slots
+from workers.uploads import UploadCache
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Context:
         self.control = RunControl(self.redis, prefix=settings.prefix)
         key_id = settings.atlas.api_key.fingerprint()
         self.polls = PollTimes(self.redis, settings.prefix)
+        self.uploads = UploadCache(self.redis, settings.prefix)
         self.limiter = RateLimiter(self.redis, key_id, settings.limits, prefix=settings.prefix)
         self.slots = Slots(
             self.redis,

@@ -24,11 +24,6 @@ log = logging.getLogger("seedream.liveness")
 EXIT_CODE = 70  # EX_SOFTWARE: the supervisor restarts on any exit it did not ask for
 
 
-def limit_seconds(env: dict[str, str] | None = None) -> float:
-    """0 turns the watch off."""
-    return float((os.environ if env is None else env).get("SEEDREAM_LIVENESS", "60"))
-
-
 class Watch:
     """Last sign of life of the event loop, and the thread that acts when it is too old."""
 
@@ -72,7 +67,7 @@ class Watch:
         self._thread.start()
 
 
-WATCH = Watch(limit_seconds())
+WATCH = Watch(float(os.environ.get("SEEDREAM_LIVENESS", "60")))  # 0 turns the watch off
 
 
 class LivenessStep(bootsteps.StartStopStep):

@@ -16,7 +16,7 @@ import math
 
 import redis
 
-from jobs.redisio import translated
+from jobs.redisio import script, translated
 
 FIRST_QUANTILE_Z = 0.67  # the 75th percentile of a normal distribution
 AGAIN_FRACTION = 0.3
@@ -24,10 +24,30 @@ DEFAULT_FIRST = 2.0  # before any prediction of the run has finished
 PRIOR_VAR = 0.25  # sigma 0.5 in log space until the run has seen some spread
 MIN_WAIT, MAX_WAIT = 0.2, 60.0
 
+_LEARN = """
+local x = tonumber(ARGV[1])
+local v = redis.call('HMGET', KEYS[1], 'mu', 'var', 'n')
+local mu, var, n
+if not v[1] or not v[2] then
+  mu, var, n = x, tonumber(ARGV[2]), 1
+else
+  mu, var, n = tonumber(v[1]), tonumber(v[2]), tonumber(v[3] or '1')
+  local a = math.max(0.05, 1 / (n + 1))
+  local d = x - mu
+  mu = mu + a * d
+  var = (1 - a) * (var + a * d * d)
+  n = n + 1
+end
+redis.call('HSET', KEYS[1], 'mu', string.format('%.17g', mu), 'var', string.format('%.17g', var), 'n', n)
+redis.call('EXPIRE', KEYS[1], 604800)
+return 1
+"""
+
 
 class PollTimes:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.client, self.prefix = client, prefix
+        self._learn = script(client, _LEARN)
 
     def _key(self, run_id: str, model: str) -> str:
         return f"{self.prefix}:run:{run_id}:ptimes:{model}"
@@ -44,24 +64,8 @@ class PollTimes:
 
     @translated
     def learn(self, run_id: str, model: str, seconds: float) -> None:
-        """Running mean at first, then an exponential average (alpha 0.05); races between
-        workers only blur the estimate a little."""
-        key = self._key(run_id, model)
-        x = math.log(max(seconds, 0.05))
-        mu_raw, var_raw, n_raw = self.client.hmget(key, "mu", "var", "n")
-        if mu_raw is None or var_raw is None:
-            mu, var, n = x, PRIOR_VAR, 1
-        else:
-            mu, var, n = float(mu_raw), float(var_raw), int(n_raw or 1)
-            a = max(0.05, 1.0 / (n + 1))
-            d = x - mu
-            mu += a * d
-            var = (1 - a) * (var + a * d * d)
-            n += 1
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, mapping={"mu": repr(mu), "var": repr(var), "n": n})
-        pipe.expire(key, 7 * 86400)
-        pipe.execute()
+        """Running mean at first, then an exponential average (alpha 0.05), in one atomic step."""
+        self._learn(keys=[self._key(run_id, model)], args=[repr(math.log(max(seconds, 0.05))), repr(PRIOR_VAR)])
 
 
 def clamp(seconds: float) -> float:

@@ -43,13 +43,6 @@ from workers.prediction import State
 
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
-# A job waits this long for another job's upload of the same photo, then uploads it itself
-# (uploads are free; the other host may have been cut off holding the claim).
-UPLOAD_WAIT = 10.0
-_TAKE_OVER = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'EX', 120) return 1 end
-return 0
-"""
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
@@ -230,47 +223,40 @@ def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[
                 return NEXT
             return backoff(n)
         sha = hashlib.sha256(data).hexdigest()
-        cache = f"{ctx.settings.prefix}:run:{rec.run_id}:upload:{sha}"
-        got = ctx.redis.get(cache)
-        url = str(got) if got is not None else ""  # the client decodes responses
-        if url and not url.startswith("pending"):
-            urls.append(str(url))
+        verdict, value = ctx.uploads.claim(rec.run_id, sha)
+        if verdict == "url":
+            urls.append(value)
             continue
-        if url:  # another job is uploading the same photo; if it takes too long, its host may be gone
-            since = float(url.partition(":")[2] or 0)
-            if time.time() - since < UPLOAD_WAIT:
-                return 0.3
-            if not ctx.redis.eval(_TAKE_OVER, 1, cache, url, f"pending:{time.time():.3f}"):
-                return 0.3  # another job took it over first
-            log.warning("upload of %s claimed %.0fs ago, not done; uploading it here", ref.value, time.time() - since)
-        elif not ctx.redis.set(cache, f"pending:{time.time():.3f}", nx=True, ex=120):
-            return 0.3
+        if verdict == "wait":
+            return 0.3  # another job is uploading the same photo
+        if verdict == "taken_over":
+            log.warning("upload of %s claimed %ss ago, not done; uploading it here", ref.value, value[:6])
         try:
             later = ctx.limiter.take("upload")
             if later:
-                ctx.redis.delete(cache)
+                ctx.uploads.release(rec.run_id, sha)
                 return later
             try:
                 info = inspect(data, decode=False)
             except NotAnImage as exc:
-                ctx.redis.delete(cache)
+                ctx.uploads.release(rec.run_id, sha)
                 _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} is not an image: {exc}", reason="input")
                 return NEXT
             url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
         except RateLimited as exc:
-            ctx.redis.delete(cache)
+            ctx.uploads.release(rec.run_id, sha)
             ctx.limiter.cool_down("upload", exc.retry_after)
             return exc.retry_after or 1.0
         except (TransientError, ServiceError) as exc:
-            ctx.redis.delete(cache)
+            ctx.uploads.release(rec.run_id, sha)
             n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
             if isinstance(exc, TransientError) and n < ctx.settings.max_attempts:
                 return backoff(n)
             _end(ctx, meta, rec, PENDING, FAILED, error=f"upload of {ref.value} failed: {exc}", reason="upload")
             return NEXT
-        ctx.redis.set(cache, url, ex=6 * 3600)
+        ctx.uploads.store(rec.run_id, sha, url)
         ctx.runs.bump(rec.run_id, "uploads")
-        urls.append(str(url))
+        urls.append(url)
     return urls
 
 

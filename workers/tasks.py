@@ -62,7 +62,7 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
     except (StateError, StorageError) as exc:
         log.warning("report of %s not written yet: %s", run_id, exc)
         raise self.retry(countdown=10) from None
-    ctx.runs.drop_upload_cache(run_id)
+    ctx.uploads.drop(run_id)
     ctx.runs.set_run(run_id, report_written=True)
     ctx.runs.set_active(run_id, False)
     log.info("run %s finished: %s", run_id, summary["counts"])
