@@ -32,7 +32,7 @@ demo: install redis
 
 chaos: install redis
 	rm -f bench/results/chaos.jsonl
-	$(BIN)/python -m pytest tests/chaos -v
+	SEEDREAM_CHAOS_RESULTS=bench/results/chaos.jsonl $(BIN)/python -m pytest tests/chaos -v
 	$(BIN)/python scripts/chaos_table.py
 
 bench: install redis

@@ -158,9 +158,10 @@ class Project:
             "redis_bytes": int(r.info("memory")["used_memory"]) - mem0,
             "rss_mb_at": rss,
         }
-        report_deadline = time.monotonic() + 60  # the workers write the report last: let them finish
+        report_deadline = time.monotonic() + 120  # the workers write the report last: let them finish
         while not runs.meta(run_id).get("report_written") and time.monotonic() < report_deadline:
             time.sleep(0.1)
+        result["cpu_report_s"] = sum(proc_cpu(pid) - c for pid, c in cpu0.items()) - worker_cpu
         if key_bytes:  # what the run left in Redis, key by key (used_memory moves with the allocator)
             keys = [k for k in r.scan_iter(f"{self.prefix}:*{run_id}*", count=1000)]
             result["redis_key_bytes"] = sum(int(r.memory_usage(k) or 0) for k in keys)

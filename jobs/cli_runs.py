@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,13 +32,21 @@ def _queue() -> str:
     return os.environ.get("SEEDREAM_QUEUE", "seedream")
 
 
-def _enqueuer(queue: str):  # type: ignore[no-untyped-def]
-    from workers.tasks import enqueue
+def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
+    """Lets a run's waiting jobs into the task queue, up to its window, from this process."""
+    from jobs.backlog import Backlog
+    from jobs.records import RunStore
+    from jobs.redisio import connect
+    from workers.tasks import publish
 
-    def run(run_id: str, ids: Iterable[str], token: str) -> int:
-        return enqueue(run_id, ids, token, queue=queue)
+    store = RunStore(connect(settings.redis_url), prefix=settings.prefix)
+    backlog = Backlog(store.client, store)
 
-    return run
+    def admit(run_id: str) -> int:
+        window = int((store.run_meta(run_id) or {}).get("window") or settings.limits.admission_window)
+        return publish(run_id, backlog.admit(run_id, window), queue=queue)
+
+    return admit
 
 
 def _line(p: Progress) -> str:
@@ -156,7 +164,7 @@ def run_command(
             started = start_run(
                 opts,
                 settings,
-                _enqueuer(opts.queue),
+                _admitter(settings, opts.queue),
                 client_factory=lambda base: AtlasClient(settings.atlas.with_(api_base=base)),
             )
         except ManifestRefused as exc:
@@ -238,7 +246,7 @@ def retry_failed_command(run_id: str) -> None:
     """Run the failed jobs of RUN_ID again (a paid result is fetched again, not resubmitted)."""
     runs = _runs()
     with _click_errors():
-        n = runs.retry_failed(run_id, _enqueuer(runs.meta(run_id).get("queue") or _queue()))
+        n = runs.retry_failed(run_id, _admitter(runs.settings, runs.meta(run_id).get("queue") or _queue()))
     click.echo(f"run {run_id}: {n} failed jobs enqueued again")
 
 
@@ -256,7 +264,8 @@ def resume_command(run_id: str, output: str | None, manifest: Path | None, s3_en
     """Continue RUN_ID from Redis, or from its durable records alone; nothing is resubmitted."""
     runs = _runs()
     with _click_errors():
-        source, n = runs.resume(run_id, output, _enqueuer(_queue()), manifest=manifest, s3_endpoint=s3_endpoint)
+        admit = _admitter(runs.settings, _queue())
+        source, n = runs.resume(run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint)
     click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
 
 

@@ -15,20 +15,21 @@ class RunControl:
         self.client = client
         self.prefix = prefix
 
-    def _key(self, run_id: str) -> str:
+    def key(self, run_id: str) -> str:
+        """The run's halt flag: absent, or the reason every worker stops submitting."""
         return f"{self.prefix}:run:{run_id}:halt"
 
     @translated
     def halt(self, run_id: str, reason: str) -> str:
         """Stop new submits of the run; the first reason given is kept and returned."""
-        self.client.set(self._key(run_id), reason, nx=True)
-        return str(self.client.get(self._key(run_id)))
+        self.client.set(self.key(run_id), reason, nx=True)
+        return str(self.client.get(self.key(run_id)))
 
     @translated
     def halted(self, run_id: str) -> str | None:
-        value = self.client.get(self._key(run_id))
+        value = self.client.get(self.key(run_id))
         return None if value is None else str(value)
 
     @translated
     def resume(self, run_id: str) -> None:
-        self.client.delete(self._key(run_id))
+        self.client.delete(self.key(run_id))

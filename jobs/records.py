@@ -28,7 +28,9 @@ _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= ARGV[1] then return state or '' end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at', ARGV[3])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[5], 1) end
+if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[6], 1) end
 if ARGV[4] == '1' then
   redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
   redis.call('HINCRBY', KEYS[2], 'finished', 1)
@@ -50,21 +52,26 @@ redis.call('HSET', KEYS[1], 'cost_micros', '0')
 return 1
 """
 
+# The next message's token is announced (and the job's due time moved to when it should run)
+# before the message is published.
 _ANNOUNCE = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'next_token', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-_ACCEPT = """
+# A message may drive the job when it holds the current token or the announced next one; it
+# then marks the job due by the end of its step lease and reads the whole record, in one trip.
+_BEGIN = """
 local token = redis.call('HGET', KEYS[1], 'token')
-if not token then return 0 end
-if token == ARGV[1] then return 1 end
-if redis.call('HGET', KEYS[1], 'next_token') == ARGV[1] then
+if not token then return false end
+if token ~= ARGV[1] then
+  if redis.call('HGET', KEYS[1], 'next_token') ~= ARGV[1] then return false end
   redis.call('HSET', KEYS[1], 'token', ARGV[1], 'next_token', '')
-  return 1
 end
-return 0
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return redis.call('HGETALL', KEYS[1])
 """
 
 _COMMIT = """
@@ -174,7 +181,7 @@ class RunStore:
         self._transition = script(client, _TRANSITION)
         self._reopen = script(client, _REOPEN)
         self._announce = script(client, _ANNOUNCE)
-        self._accept = script(client, _ACCEPT)
+        self._begin = script(client, _BEGIN)
         self._commit = script(client, _COMMIT)
 
     # -- keys --------------------------------------------------------------------------------
@@ -189,6 +196,10 @@ class RunStore:
 
     def list_key(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:jobs"
+
+    def backlog_key(self, run_id: str) -> str:
+        """List: jobs waiting to be let into the task queue (jobs/backlog.py)."""
+        return f"{self.prefix}:run:{run_id}:backlog"
 
     def due_key(self, run_id: str) -> str:
         """Sorted set: job -> when its next task message should have run (host clock)."""
@@ -261,8 +272,12 @@ class RunStore:
         self.client.hincrby(self.counts_key(run_id), name, by)
 
     @translated
-    def add_jobs(self, run_id: str, specs: Iterable[JobSpec], token: str, *, state: str = PENDING) -> list[str]:
-        """Create job records (pipelined) and append them to the run's ordered list."""
+    def add_jobs(
+        self, run_id: str, specs: Iterable[JobSpec], token: str, *, state: str = PENDING, waiting: bool = True
+    ) -> list[str]:
+        """Create job records (pipelined), append them to the run's ordered list and, unless the
+        caller has more to set first, to its backlog (in the same round trip: a crash right after
+        leaves no job that nothing will ever drive)."""
         ids: list[str] = []
         pipe = self.client.pipeline(transaction=False)
         now = repr(time.time())
@@ -282,7 +297,8 @@ class RunStore:
             ids.append(spec.id)
         if ids:
             pipe.rpush(self.list_key(run_id), *ids)
-            pipe.zadd(self.due_key(run_id), dict.fromkeys(ids, float(now)))
+            if waiting:
+                pipe.rpush(self.backlog_key(run_id), *ids)
             pipe.sadd(self.active_key, run_id)
         pipe.execute()
         return ids
@@ -325,9 +341,12 @@ class RunStore:
         return [_record(run_id, jid, raw) if raw else None for jid, raw in zip(job_ids, rows, strict=True)]
 
     @translated
-    def transition(self, run_id: str, job_id: str, expect: str, to: str, **fields: Any) -> str:
-        """'ok' when the job went from `expect` to `to`; otherwise the state it is really in."""
-        args: list[Any] = [expect, to, repr(time.time()), "1" if to in FINAL else "0"]
+    def transition(
+        self, run_id: str, job_id: str, expect: str, to: str, *, bump: str = "", count: str = "", **fields: Any
+    ) -> str:
+        """'ok' when the job went from `expect` to `to`; otherwise the state it is really in.
+        With the move (and only then) the run's counter `bump` and the job's field `count` go up by one."""
+        args: list[Any] = [expect, to, repr(time.time()), "1" if to in FINAL else "0", bump, count]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
         return str(self._transition(keys=[self.job_key(run_id, job_id), self.counts_key(run_id)], args=args))
@@ -340,15 +359,37 @@ class RunStore:
         )
 
     @translated
-    def record_stored(self, run_id: str, job_id: str, *, succeeded: bool) -> None:
+    def record_stored(self, run_id: str, job_id: str, *, succeeded: bool) -> int:
         """The final record is durable in storage: keep in Redis only what the report, `status`
         and `retry-failed` read (a finished job is most of what a big run leaves in Redis).
-        A failed job keeps its service outputs: a retry fetches them again, never resubmits."""
+        A failed job keeps its service outputs: a retry fetches them again, never resubmits.
+        Returns how many jobs of the run have finished (the last one has the report written)."""
         drop = ["input_urls", "next_token"] + (["service_outputs", "error", "reason"] if succeeded else [])
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(self.job_key(run_id, job_id), "record_written", "1")
         pipe.hdel(self.job_key(run_id, job_id), *drop)
-        pipe.execute()
+        pipe.hget(self.counts_key(run_id), "finished")
+        return int(pipe.execute()[-1] or 0)  # jobs of the run finished so far
+
+    @translated
+    def holds(self, run_id: str, job_id: str, state: str, token: str, *, flag: str = "") -> tuple[bool, str | None]:
+        """Whether the job is still in `state` and driven by the message holding `token`, and the
+        value of the key `flag` (a run's halt reason), in one round trip: this check sits between
+        a rate-limited send time and the send, where every wait adds jitter."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.job_key(run_id, job_id), "state", "token")
+        if flag:
+            pipe.get(flag)
+        got = pipe.execute()
+        return list(got[0]) == [state, token], (got[1] if flag else None)
+
+    @translated
+    def count_poll(self, run_id: str, job_id: str) -> int:
+        """One more poll, for the job and the run (one round trip); the job's count so far."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hincrby(self.job_key(run_id, job_id), "polls", 1)
+        pipe.hincrby(self.counts_key(run_id), "polls", 1)
+        return int(pipe.execute()[0])
 
     @translated
     def incr(self, run_id: str, job_id: str, name: str, by: int = 1) -> int:
@@ -358,13 +399,19 @@ class RunStore:
     # is announced before it is published and committed after, so a worker killed in between
     # leaves either the old message (restored by the broker) or the new one valid, never neither.
     @translated
-    def announce_token(self, run_id: str, job_id: str, old: str, new: str) -> bool:
-        return bool(int(self._announce(keys=[self.job_key(run_id, job_id)], args=[old, new])))
+    def announce_token(self, run_id: str, job_id: str, old: str, new: str, due_at: float) -> bool:
+        keys = [self.job_key(run_id, job_id), self.due_key(run_id)]
+        return bool(int(self._announce(keys=keys, args=[old, new, repr(due_at), job_id])))
 
     @translated
-    def accept_token(self, run_id: str, job_id: str, token: str) -> bool:
-        """True when this message may drive the job (the current or the announced next token)."""
-        return bool(int(self._accept(keys=[self.job_key(run_id, job_id)], args=[token])))
+    def begin(self, run_id: str, job_id: str, token: str, due_at: float) -> JobRecord | None:
+        """The job's record when this message may drive it (it holds the current or the announced
+        next token), marked due by `due_at`; None for an unknown job or a stale message."""
+        keys = [self.job_key(run_id, job_id), self.due_key(run_id)]
+        flat = self._begin(keys=keys, args=[token, repr(due_at), job_id])
+        if not flat:
+            return None
+        return _record(run_id, job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     @translated
     def commit_token(self, run_id: str, job_id: str, old: str, new: str) -> None:

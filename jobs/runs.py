@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.backlog import Backlog
 from jobs.budget import Budget
 from jobs.control import CANCELLED, RunControl
 from jobs.errors import ConfigError, SeedreamError
@@ -89,7 +90,7 @@ def file_sha256(path: Path) -> str:
 def start_run(
     opts: RunOptions,
     settings: WorkerSettings,
-    enqueue: Callable[[str, Iterable[str], str], int],
+    admit: Callable[[str], int],
     *,
     client_factory: Callable[[str], Any] | None = None,
 ) -> Started:
@@ -135,6 +136,7 @@ def start_run(
         "prices": {m: s.price_micros for m, s in table.models.items()},
         "metadata_columns": metadata_columns,
         "queue": opts.queue,
+        "window": settings.limits.admission_window,
         "s3_endpoint": opts.s3_endpoint,
         "created_at": time.time(),
         "skipped_invalid_rows": result.invalid_rows,
@@ -151,10 +153,12 @@ def start_run(
     for spec in validator.jobs():
         batch.append(spec)
         if len(batch) == 1000:
-            count += enqueue(run_id, store.add_jobs(run_id, batch, INITIAL_TOKEN), INITIAL_TOKEN)
+            count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN))
+            admit(run_id)  # workers start on the first rows while the rest are read
             batch = []
     if batch:
-        count += enqueue(run_id, store.add_jobs(run_id, batch, INITIAL_TOKEN), INITIAL_TOKEN)
+        count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN))
+    admit(run_id)
     store.set_run(run_id, enqueued=count)
     return Started(run_id=run_id, jobs=count, estimate=est, result=result, messages=messages)
 
@@ -222,6 +226,7 @@ class Runs:
         self.redis = connect(settings.redis_url)
         self.store = RunStore(self.redis, prefix=settings.prefix)
         self.control = RunControl(self.redis, prefix=settings.prefix)
+        self.backlog = Backlog(self.redis, self.store)
 
     def meta(self, run_id: str) -> dict[str, Any]:
         meta = self.store.run_meta(run_id)
@@ -273,7 +278,7 @@ class Runs:
         self.meta(run_id)
         return self.control.halt(run_id, CANCELLED)
 
-    def retry_failed(self, run_id: str, enqueue: Callable[[str, Iterable[str], str], int]) -> int:
+    def retry_failed(self, run_id: str, admit: Callable[[str], int]) -> int:
         """Run failed jobs again; one whose prediction was paid is fetched again, not resubmitted."""
         self.meta(run_id)
         again: list[str] = []
@@ -288,19 +293,19 @@ class Runs:
                     self.store.update(run_id, jid, input_urls=[], prediction_id="", record_written="0")
                 else:
                     self.store.update(run_id, jid, record_written="0")
-                self.store.set_due(run_id, jid, time.time())
                 again.append(jid)
         if again:
             self.store.set_active(run_id, True)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
-            enqueue(run_id, again, token)
+            self.backlog.push(run_id, again)
+            admit(run_id)
         return len(again)
 
     def resume(
         self,
         run_id: str,
         output: str | None,
-        enqueue: Callable[[str, Iterable[str], str], int],
+        admit: Callable[[str], int],
         *,
         manifest: Path | None = None,
         s3_endpoint: str | None = None,
@@ -313,22 +318,23 @@ class Runs:
             for rec in list(self.store.iter_records(run_id)):
                 if not rec.settled:
                     self.store.update(run_id, rec.id, token=token, next_token="")
-                    self.store.set_due(run_id, rec.id, time.time())
                     ids.append(rec.id)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
             self.store.set_active(run_id, True)
-            enqueue(run_id, ids, token)
+            self.backlog.reset(run_id)  # every job not settled is let in again, once
+            self.backlog.push(run_id, ids)
+            admit(run_id)
             return "redis", len(ids)
         if output is None:
             raise ConfigError("Redis does not know this run: pass --output to read it from storage")
-        return "storage", self._resume_from_storage(run_id, output, token, enqueue, manifest, s3_endpoint)
+        return "storage", self._resume_from_storage(run_id, output, token, admit, manifest, s3_endpoint)
 
     def _resume_from_storage(
         self,
         run_id: str,
         output: str,
         token: str,
-        enqueue: Callable[[str, Iterable[str], str], int],
+        admit: Callable[[str], int],
         manifest: Path | None,
         s3_endpoint: str | None,
     ) -> int:
@@ -352,7 +358,7 @@ class Runs:
         batch: list[JobSpec] = []
 
         def flush() -> None:
-            ids = self.store.add_jobs(run_id, batch, token)
+            ids = self.store.add_jobs(run_id, batch, token, waiting=False)  # let in once restored
             for spec, jid in zip(batch, ids, strict=True):
                 rec = storage.get_json(f"records/{jid}.json")
                 if not isinstance(rec, dict):
@@ -406,7 +412,8 @@ class Runs:
                 flush()
         if batch:
             flush()
-        enqueue(run_id, todo, token)
+        self.backlog.push(run_id, todo)
+        admit(run_id)
         return len(todo)
 
 
@@ -417,3 +424,4 @@ def report_from_storage(output: str, run_id: str, s3_endpoint: str | None = None
     records = [storage.get_json(k) for k in storage.list("records") if k.endswith(".json")]
     rows = sorted((r for r in records if isinstance(r, dict)), key=lambda r: int(r.get("line") or 0))
     return write_report(storage, iter(rows), saved)
+

@@ -93,7 +93,7 @@ def test_cool_down_without_retry_after_backs_off(rconn: redis.Redis, prefix: str
 
 
 def test_bucket_hands_out_future_slots_then_says_come_back(rconn: redis.Redis, prefix: str) -> None:
-    limiter = RateLimiter(rconn, "key", Limits(submit_rate=10, submit_burst=1), prefix=prefix)
+    limiter = RateLimiter(rconn, "key", Limits(submit_rate=10, submit_burst=1, headroom=0.0), prefix=prefix)
     grants = [limiter.acquire("submit") for _ in range(8)]
     goes = [g for g in grants if g.go]
     assert [round(g.wait, 1) for g in goes] == [0.0, 0.1, 0.2, 0.3, 0.4]  # horizon: 4 intervals
@@ -102,6 +102,14 @@ def test_bucket_hands_out_future_slots_then_says_come_back(rconn: redis.Redis, p
     # each caller turned away gets its own place in line, one interval after the last, and is
     # told to come back a little before it: no herd retrying all at once
     assert len(later) == 3 and all(abs(w - want) < 0.03 for w, want in zip(later, (0.4, 0.5, 0.6), strict=True))
+
+
+def test_headroom_spaces_sends_a_little_wider_than_the_rate(rconn: redis.Redis, prefix: str) -> None:
+    limiter = RateLimiter(rconn, "key", Limits(submit_rate=10, submit_burst=1, headroom=0.2), prefix=prefix)
+    waits = [g.wait for g in (limiter.acquire("submit") for _ in range(3))]
+    assert [round(w, 3) for w in waits] == [0.0, 0.125, 0.25]  # 1 / (10 x 0.8) apart, not 0.1
+    with pytest.raises(ConfigError):
+        Limits.from_env({"SEEDREAM_RATE_HEADROOM": "0.9"})
 
 
 # -- budget ----------------------------------------------------------------------------------

@@ -233,9 +233,9 @@ def test_run_refuses_every_bad_manifest_before_anything_is_enqueued(
 
     enqueued: list[str] = []
 
-    def enqueue(run_id: str, ids: object, token: str) -> int:
-        enqueued.extend(list(ids))  # type: ignore[call-overload]
-        return len(enqueued)
+    def enqueue(run_id: str) -> int:
+        enqueued.append(run_id)
+        return 0
 
     opts = RunOptions(manifest=CORPUS / name, output=str(tmp_path / "out"), api_base="http://127.0.0.1:9/api/v1")
     with pytest.raises(ManifestRefused):

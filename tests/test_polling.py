@@ -20,19 +20,19 @@ def polls_needed(policy: PollTimes, first: float, duration: float) -> tuple[int,
 
 
 def test_first_poll_learns_the_runs_typical_time(rconn: redis.Redis, prefix: str) -> None:
-    polls = PollTimes(rconn, prefix)
+    polls = PollTimes(rconn, prefix, refresh=0)
     assert polls.first("r", "m") == DEFAULT_FIRST  # nothing seen yet
     rng = random.Random(5)
     for _ in range(400):
         polls.learn("r", "m", rng.lognormvariate(math.log(8.0), 0.5))
     first = polls.first("r", "m")
-    assert 8.0 * 1.2 < first < 8.0 * 1.7  # about the 75th percentile: 8 s x exp(0.67 x 0.5) = 11.2 s
+    assert 8.0 * 1.3 < first < 8.0 * 1.8  # about the 80th percentile: 8 s x exp(0.84 x 0.5) = 12.2 s
     assert polls.first("r", "other-model") == DEFAULT_FIRST  # per model
     assert polls.first("other-run", "m") == DEFAULT_FIRST  # per run
 
 
 def test_polls_per_job_stay_near_one_for_a_service_like_spread(rconn: redis.Redis, prefix: str) -> None:
-    polls = PollTimes(rconn, prefix)
+    polls = PollTimes(rconn, prefix, refresh=0)
     rng = random.Random(9)
     times = [rng.lognormvariate(math.log(8.0), 0.5) for _ in range(2000)]
     for t in times[:200]:
@@ -42,6 +42,6 @@ def test_polls_per_job_stay_near_one_for_a_service_like_spread(rconn: redis.Redi
     per_job = sum(n for n, _ in results) / len(results)
     lag = sum(late for _, late in results) / len(results)
     assert per_job <= 1.5, per_job
-    assert lag < 0.55 * 8.0, lag  # the price: a finished prediction waits for its poll
+    assert lag < 0.65 * 8.0, lag  # the price: a finished prediction waits for its poll
     fixed = sum(math.ceil(t / 3.0) for t in times[200:]) / len(results)  # polling every 3 s
     assert fixed > 2 * per_job

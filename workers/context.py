@@ -9,6 +9,7 @@ from typing import Any
 
 import redis
 
+from jobs.backlog import Backlog
 from jobs.budget import Budget
 from jobs.config import AtlasConfig, Limits
 from jobs.control import RunControl
@@ -60,6 +61,7 @@ class Context:
         key_id = settings.atlas.api_key.fingerprint()
         self.polls = PollTimes(self.redis, settings.prefix)
         self.uploads = UploadCache(self.redis, settings.prefix)
+        self.backlog = Backlog(self.redis, self.runs)
         self.limiter = RateLimiter(self.redis, key_id, settings.limits, prefix=settings.prefix)
         self.slots = Slots(
             self.redis,

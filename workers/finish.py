@@ -9,10 +9,10 @@ from workers.context import Context
 log = logging.getLogger("seedream.runs")
 
 
-def maybe_finalize(ctx: Context, run_id: str) -> None:
+def maybe_finalize(ctx: Context, run_id: str, finished: int) -> None:
+    """`finished`: the run's count of finished jobs, read when this job's record was stored."""
     meta = ctx.meta(run_id)
-    counts = ctx.runs.counts(run_id)
-    if counts.get("finished", 0) < int(meta.get("total", 0)):
+    if finished < int(meta.get("total", 0)):
         return
     if ctx.redis.set(f"{ctx.settings.prefix}:run:{run_id}:finalized", "1", nx=True):
         from workers.tasks import finalize_run

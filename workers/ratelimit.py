@@ -106,7 +106,7 @@ class RateLimiter:
     @translated
     def acquire(self, kind: str) -> Grant:
         rate, burst = self.rate_of(kind)
-        interval = 1.0 / rate
+        interval = 1.0 / self.limits.planned_rate(rate)
         horizon = max(0.05, min(1.0, 4 * interval))
         go, wait = self._acquire(
             keys=[f"{self.base}:{kind}:tat", f"{self.base}:{kind}:cool", f"{self.base}:{kind}:line"],
@@ -117,11 +117,22 @@ class RateLimiter:
     def take(self, kind: str, sleep: Callable[[float], None] = time.sleep) -> float:
         """0.0 once it is this caller's turn (after a short in-place wait for its slot), or the
         seconds to come back later (a Celery countdown: no worker thread waits that long)."""
+        later, send_at = self.book(kind)
+        if later:
+            return later
+        sleep(max(0.0, send_at - time.monotonic()))
+        return 0.0
+
+    def book(self, kind: str) -> tuple[float, float]:
+        """(seconds to come back later, 0.0), or (0.0, the `time.monotonic()` to send at).
+
+        Booking before the work that precedes a call and sleeping only the rest of the wait
+        keeps the send times as evenly spaced as the grants: work done after the wait would
+        add its own jitter, and the service's small burst turns jitter into 429s."""
         grant = self.acquire(kind)  # the script checks the shared cool-down first
         if not grant.go:
-            return max(grant.wait, 0.001)
-        sleep(grant.wait)
-        return 0.0
+            return max(grant.wait, 0.001), 0.0
+        return 0.0, time.monotonic() + grant.wait
 
     @translated
     def cool_down(self, kind: str, retry_after: float | None) -> float:

@@ -31,7 +31,7 @@ def grace_seconds() -> float:
 
 def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None) -> int:
     """Re-drive overdue jobs of every active run; return how many."""
-    from workers.tasks import run_job
+    from workers.tasks import admit, run_job
 
     grace = grace_seconds() if grace is None else grace
     now = time.time() if now is None else now
@@ -57,6 +57,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
                 ctx.runs.bump(run_id, "redriven")
                 redriven += 1
                 log.warning("job %s/%s was overdue (%s); re-driven", run_id, job_id, rec.state)
+            admit(ctx, run_id)  # a worker that died after a job ended never let the next one in
     finally:
         ctx.redis.delete(lock)
     return redriven

@@ -3,7 +3,8 @@
 A redelivered or duplicated task message continues where the last one stopped:
 the submit is claimed atomically before the POST, the prediction id is stored
 before anything else, and every final transition (and its cost) happens once.
-`advance` returns the countdown for the next message, or None when the job is done.
+`advance` returns the countdown for the next message, None when the job is done, or STALE
+when this message no longer drives the job.
 """
 
 from __future__ import annotations
@@ -43,19 +44,19 @@ from workers.prediction import State
 
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
+STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     return min(cap, base * 2 ** max(0, attempt - 1)) * (0.5 + random.random() / 2)
 
 
-def advance(ctx: Context, run_id: str, job_id: str, token: str) -> float | None:
-    if not ctx.runs.accept_token(run_id, job_id, token):
-        return None  # unknown job or a stale duplicate message
+def advance(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) -> float | None:
+    """Drive the job as far as it goes now; `due_at` is when the watchdog may take it over."""
+    rec = ctx.runs.begin(run_id, job_id, token, due_at)
     for _ in range(8):
-        rec = ctx.runs.get(run_id, job_id)
         if rec is None or rec.token != token:
-            return None
+            return STALE
         meta = ctx.meta(run_id)
         if rec.final:
             return _final(ctx, meta, rec)
@@ -63,6 +64,7 @@ def advance(ctx: Context, run_id: str, job_id: str, token: str) -> float | None:
         wait = step(ctx, meta, rec)
         if wait != NEXT:
             return wait
+        rec = ctx.runs.get(run_id, job_id)
     return 0.0
 
 
@@ -91,7 +93,8 @@ def _end(
         budget.settle(rec.id, cost)
     else:
         budget.release(rec.id)
-    ctx.slots.release(f"{rec.run_id}:{rec.id}")
+    if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
+        ctx.slots.release(f"{rec.run_id}:{rec.id}")
     ctx.runs.transition(
         rec.run_id,
         rec.id,
@@ -123,10 +126,10 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
             n = ctx.runs.incr(rec.run_id, rec.id, "store_attempts")
             log.warning("record of %s not stored yet (%s); try %d", rec.id, exc, n)
             return backoff(n, 1.0, 60.0) if n < ctx.settings.max_store_attempts else None
-        ctx.runs.record_stored(rec.run_id, rec.id, succeeded=rec.state == SUCCEEDED)
+        finished = ctx.runs.record_stored(rec.run_id, rec.id, succeeded=rec.state == SUCCEEDED)
         from workers.finish import maybe_finalize
 
-        maybe_finalize(ctx, rec.run_id)
+        maybe_finalize(ctx, rec.run_id, finished)
     return None
 
 
@@ -156,14 +159,11 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     wait = ctx.slots.acquire(key)
     if wait > 0:
         return min(wait, 2.0)
-    later = ctx.limiter.take("submit")
+    later, send_at = ctx.limiter.book("submit")
     if later:
         return later
-    halted = ctx.control.halted(run_id)
-    if halted:
-        return _end(ctx, meta, rec, PENDING, SKIPPED, reason=halted)
-    attempts = ctx.runs.incr(run_id, rec.id, "attempts")
-    if ctx.runs.transition(run_id, rec.id, PENDING, SUBMITTING) != "ok":
+    attempts = rec.attempts + 1  # this message alone drives the job
+    if ctx.runs.transition(run_id, rec.id, PENDING, SUBMITTING, count="attempts") != "ok":
         return NEXT
     rec.state = SUBMITTING
     try:  # durable before the POST: a run resumed from storage never resubmits this job
@@ -175,6 +175,18 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     if rec.spec.size:
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
+    time.sleep(max(0.0, send_at - time.monotonic()))  # the rest of the wait for this send time
+    mine, halted = ctx.runs.holds(run_id, rec.id, SUBMITTING, rec.token, flag=ctx.control.key(run_id))
+    if not mine:
+        # Taken over while this worker stood still (frozen, cut off, its message redelivered):
+        # never POST for it, and if the job's final record reached storage before this worker's
+        # `submitting` one, put the final one back.
+        cur = ctx.runs.get(run_id, rec.id)
+        if cur is not None and cur.settled:
+            _write_record(ctx, cur)
+        return STALE
+    if halted:  # a cancel during that wait must still stop this POST
+        return _end(ctx, meta, rec, SUBMITTING, SKIPPED, reason=halted)
     try:
         sub = client.submit(rec.spec.model, params)
     except OutcomeUnknown as exc:
@@ -200,8 +212,14 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
             return _end(ctx, meta, rec, PENDING, FAILED, error=exc.message, reason="unreachable")
         return backoff(attempts)
     now = time.time()
-    ctx.runs.transition(run_id, rec.id, SUBMITTING, SUBMITTED, prediction_id=sub.id, submitted_at=repr(now))
-    ctx.runs.bump(run_id, "submitted")
+    moved = ctx.runs.transition(
+        run_id, rec.id, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=sub.id, submitted_at=repr(now)
+    )
+    if moved != "ok":
+        # Taken over (as uncertain, at list price) in the instant between the check and the POST:
+        # its final record stands; the id is logged so the user can find this prediction.
+        log.warning("job %s/%s ended %s while its submit was sent; prediction %s", run_id, rec.id, moved, sub.id)
+        return STALE
     rec.prediction_id, rec.state, rec.submitted_at = sub.id, SUBMITTED, now
     _write_record(ctx, rec)
     return ctx.polls.first(run_id, rec.spec.model)
@@ -297,8 +315,7 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
     later = ctx.limiter.take("poll")
     if later:
         return later
-    polls = ctx.runs.incr(run_id, rec.id, "polls")
-    ctx.runs.bump(run_id, "polls")
+    polls = ctx.runs.count_poll(run_id, rec.id)
     elapsed = time.time() - (rec.submitted_at or time.time())
     try:
         pred = ctx.client(meta["api_base"]).get_prediction(rec.prediction_id)
@@ -329,7 +346,7 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
                 error=f"still {pred.status or 'running'} after {int(elapsed)} s",
             )
         return ctx.polls.again(elapsed)
-    ctx.polls.learn(run_id, rec.spec.model, pred.predict_time or elapsed)
+    ctx.polls.learn(run_id, rec.spec.model, elapsed if pred.predict_time is None else pred.predict_time)
     if pred.state is State.FAILED:
         error = pred.error or f"the prediction ended '{pred.status}'"
         return _end(ctx, meta, rec, SUBMITTED, FAILED, error=error, reason=pred.status or "failed")
@@ -393,5 +410,6 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
             log.warning("storing %s failed (%s); try %d", key, exc, k)
             return backoff(k, 1.0, 30.0)
         outputs.append(uri)
-        ctx.runs.update(run_id, rec.id, outputs=outputs)
+        if len(outputs) < len(rec.service_outputs):  # the last one is written with the final state
+            ctx.runs.update(run_id, rec.id, outputs=outputs)
     return _end(ctx, meta, rec, FETCHING, SUCCEEDED, cost=price, outputs=outputs)

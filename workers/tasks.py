@@ -2,7 +2,8 @@
 
 The task is a thin shell around the state machine (`workers.steps`). It re-enqueues
 itself with a countdown instead of sleeping, and hands the job a fresh token with
-each message so a duplicated message finds itself stale and stops.
+each message so a duplicated message finds itself stale and stops. A message whose job
+ended starts the next job let into the run's window itself (see INLINE_JOBS).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from collections.abc import Iterable
 from jobs.errors import StateError, StorageError
 from jobs.report import write_run_report
 from workers.celery import app
-from workers.context import get_context
-from workers.steps import advance
+from workers.context import Context, get_context
+from workers.steps import STALE, advance
 
 log = logging.getLogger("seedream.tasks")
 # A step (HTTP calls with timeouts, bounded retries) ends well within this; past it, the watchdog
@@ -25,33 +26,65 @@ log = logging.getLogger("seedream.tasks")
 STEP_LEASE = float(os.environ.get("SEEDREAM_STEP_LEASE", "180"))
 
 
+# When a job ends, the message that ended it goes on to start the next job let in, instead of
+# publishing a message for it: one Celery message fewer per job (each costs about 2 ms of
+# worker CPU with events on). Past this many in a row (a run being cancelled skips jobs fast),
+# the next one gets a message of its own.
+INLINE_JOBS = 50
+
+
 @app.task(name="seedream.job", bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore[no-untyped-def]
     ctx = get_context()
     try:
-        ctx.runs.set_due(run_id, job_id, time.time() + STEP_LEASE)  # running now: not overdue
-        countdown = advance(ctx, run_id, job_id, token)
+        nxt = _step(ctx, run_id, job_id, token)
     except StateError as exc:
         # Redis (state and broker) is away: try this message again shortly. If even the retry
         # cannot be published, Celery drops the message; the job is then overdue once its step
         # lease ends and the watchdog (workers/reaper.py) drives it again.
         log.warning("job %s/%s: %s; retrying", run_id, job_id, exc)
         raise self.retry(countdown=5) from None
+    for _ in range(INLINE_JOBS):
+        if nxt is None:
+            return
+        job_id, token = nxt
+        try:
+            nxt = _step(ctx, run_id, job_id, token)
+        except StateError as exc:
+            log.warning("job %s/%s: %s; giving it a message of its own", run_id, job_id, exc)
+            nxt = (job_id, token)
+            break
+    if nxt is not None:
+        try:
+            publish(run_id, [nxt], queue=ctx.meta(run_id).get("queue") or None, countdown=5.0)
+        except Exception as exc:  # Redis away: the job is due, and the watchdog drives it when overdue
+            log.warning("job %s/%s not handed on (%s); the watchdog will", run_id, nxt[0], exc)
+
+
+def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str] | None:
+    """Drive one job as far as it goes now and hand it its next message; when it ended, the
+    (job, token) of a job let in in its place, for the caller to start."""
+    try:
+        countdown = advance(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
+    except StateError:
+        raise  # the caller knows which message to retry
     except Exception:
         log.exception("job %s/%s: unexpected error; retrying", run_id, job_id)
         n = ctx.runs.incr(run_id, job_id, "crashes")
         if n > 20:
-            return
+            return None
         countdown = min(60.0, 2.0**n)
+    if countdown == STALE:
+        return None  # another message drives this job
     if countdown is None:
-        ctx.runs.clear_due(run_id, job_id)
-        return
+        return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
     new = uuid.uuid4().hex
-    if ctx.runs.announce_token(run_id, job_id, token, new):
-        ctx.runs.set_due(run_id, job_id, time.time() + max(0.0, countdown))
+    wait = max(0.0, countdown)
+    if ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait):
         queue = ctx.meta(run_id).get("queue") or None
-        run_job.apply_async((run_id, job_id, new), countdown=max(0.0, countdown), queue=queue)
+        run_job.apply_async((run_id, job_id, new), countdown=wait, queue=queue)
         ctx.runs.commit_token(run_id, job_id, token, new)
+    return None
 
 
 @app.task(name="seedream.finalize", bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -68,12 +101,24 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
     log.info("run %s finished: %s", run_id, summary["counts"])
 
 
-def enqueue(run_id: str, job_ids: Iterable[str], token: str, *, queue: str | None = None) -> int:
-    """One message per job, on one producer connection, sent to Redis in pipelined batches
+def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) -> tuple[str, str] | None:
+    """Let waiting jobs of a run in, up to its window (after job `done` ended, and from the
+    watchdog), and publish their messages; with `keep_one`, the first is returned instead, for
+    the caller to drive itself."""
+    meta = ctx.meta(run_id)
+    window = int(meta.get("window") or ctx.settings.limits.admission_window)
+    jobs = ctx.backlog.admit(run_id, window, done=done)
+    first = jobs.pop(0) if keep_one and jobs else None
+    publish(run_id, jobs, queue=meta.get("queue") or None)
+    return first
+
+
+def publish(run_id: str, jobs: Iterable[tuple[str, str]], *, queue: str | None = None, countdown: float = 0.0) -> int:
+    """One message per (job, token), on one producer connection, sent in pipelined batches
     (kombu's producer batch: one round trip per 500 messages instead of one each)."""
     n = 0
     with app.producer_or_acquire() as producer, producer.batch(500):
-        for jid in job_ids:
-            run_job.apply_async((run_id, jid, token), queue=queue, producer=producer)
+        for jid, token in jobs:
+            run_job.apply_async((run_id, jid, token), queue=queue, producer=producer, countdown=countdown or None)
             n += 1
     return n

@@ -1,7 +1,7 @@
 """Chaos scenarios: real faults injected into real processes, then the same invariants checked.
 
 Randomness is seeded (CHAOS_SEED, default 1234): a failure can be replayed.
-Figures of each scenario are appended to bench/results/chaos.jsonl.
+Under `make chaos` the figures of each scenario are appended to bench/results/chaos.jsonl.
 """
 
 from __future__ import annotations

@@ -1,0 +1,109 @@
+"""The admission window: a run's jobs enter the task queue a few at a time, and none is left behind."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from jobs.backlog import Backlog
+from jobs.records import PENDING, SUCCEEDED, RunStore
+from manifests.spec import JobSpec
+from tests.pipeline import Pipeline, catalog, run_id_of
+
+
+def _spec(i: int) -> JobSpec:
+    return JobSpec(line=i + 2, id=f"j{i}", prompt="p", model="m", size=None, params={}, metadata={}, images=())
+
+
+def test_admit_lets_in_up_to_the_window_and_skips_settled_and_duplicates(rconn: redis.Redis, prefix: str) -> None:
+    store = RunStore(rconn, prefix=prefix)
+    backlog = Backlog(rconn, store)
+    store.create_run("r", {"run_id": "r"})
+    ids = store.add_jobs("r", [_spec(i) for i in range(6)], "t0")
+    assert backlog.waiting("r") == 6 and rconn.zcard(store.due_key("r")) == 0  # created, not yet let in
+    store.update("r", "j1", state=SUCCEEDED, record_written="1")  # settled meanwhile: never let in
+    store.update("r", "j2", state="failed", record_written="0")  # ended, record not stored: let in to store it
+
+    assert backlog.admit("r", 3, now=100.0) == [("j0", "t0"), ("j2", "t0"), ("j3", "t0")]
+    assert rconn.zrange(store.due_key("r"), 0, -1, withscores=True) == [("j0", 100.0), ("j2", 100.0), ("j3", 100.0)]
+    assert backlog.admit("r", 3) == []  # full: nothing more until one leaves
+
+    store.clear_due("r", "j0")
+    store.clear_due("r", "j3")
+    assert backlog.admit("r", 3) == [("j4", "t0"), ("j5", "t0")]
+    backlog.push("r", ["j4", "j0"])  # j4 is out: this second entry is dropped; j0 is not (pushed again)
+    assert backlog.admit("r", 3, done="j2") == [("j0", "t0")] and backlog.waiting("r") == 0  # j2 ended: out
+    assert rconn.zscore(store.due_key("r"), "j2") is None
+    assert ids == [f"j{i}" for i in range(6)] and store.get("r", "j5").state == PENDING  # type: ignore[union-attr]
+
+
+def test_concurrent_admits_never_exceed_the_window(rconn: redis.Redis, prefix: str) -> None:
+    store = RunStore(rconn, prefix=prefix)
+    store.create_run("r", {"run_id": "r"})
+    store.add_jobs("r", [_spec(i) for i in range(200)], "t0")
+    got: list[str] = []
+    lock = threading.Lock()
+
+    def admit() -> None:
+        mine = Backlog(redis.Redis(connection_pool=rconn.connection_pool), store).admit("r", 25)
+        with lock:
+            got.extend(j for j, _ in mine)
+
+    threads = [threading.Thread(target=admit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(got) == len(set(got)) == 25 == rconn.zcard(store.due_key("r"))
+
+
+def test_a_run_keeps_at_most_its_window_queued_and_finishes(pipe: Pipeline, rconn: redis.Redis) -> None:
+    pipe.extra_env["SEEDREAM_WINDOW"] = "4"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
+    pipe.sandbox.configure(delay="uniform:0.05:0.2")
+    started = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--no-wait")
+    assert started.returncode == 0, started.stderr
+    run_id = run_id_of(started.stdout)
+    store = RunStore(rconn, prefix=pipe.prefix)
+    assert rconn.llen(pipe.prefix) == 4 and rconn.llen(store.backlog_key(run_id)) == 26  # before any worker
+    pipe.start_workers(2)
+    most = [0]
+    runs = pipe.runs()
+
+    def sample() -> bool:
+        most[0] = max(most[0], rconn.zcard(store.due_key(run_id)), rconn.llen(pipe.prefix))
+        return runs.progress(run_id).done
+
+    from tests.helpers import wait_for
+
+    wait_for(sample, timeout=120, interval=0.02, what="the run to finish")
+    acc = pipe.sandbox.accounting()
+    assert runs.progress(run_id).counts["succeeded"] == 30 and acc["duplicate_fingerprints"] == []
+    assert 1 <= most[0] <= 4
+
+
+@pytest.mark.parametrize("lost", ["messages", "admission"])
+def test_the_watchdog_drives_jobs_nothing_else_will(pipe: Pipeline, rconn: redis.Redis, lost: str) -> None:
+    """messages: the publisher died after taking jobs out of the backlog, before publishing them.
+    admission: the jobs were created, but whoever should have let them in died first (the CLI
+    right after creating them, or a worker after a job ended). Either way the run finishes."""
+    pipe.extra_env["SEEDREAM_WINDOW"] = "3"
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 9)
+    started = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--no-wait")
+    run_id = run_id_of(started.stdout)
+    store = RunStore(rconn, prefix=pipe.prefix)
+    first = ["sku-000", "sku-001", "sku-002"]
+    assert rconn.zrange(store.due_key(run_id), 0, -1) == first
+    rconn.delete(pipe.prefix)  # their messages never reached the broker
+    if lost == "messages":
+        rconn.zadd(store.due_key(run_id), dict.fromkeys(first, 0.0))  # and they are long overdue
+    else:
+        rconn.delete(store.due_key(run_id))
+        rconn.lpush(store.backlog_key(run_id), *reversed(first))
+    pipe.start_workers(1)
+    assert pipe.wait_done(run_id, timeout=120).counts["succeeded"] == 9
+    acc = pipe.sandbox.accounting()
+    assert acc["created"] == 9 and acc["duplicate_fingerprints"] == []
+    assert store.counts(run_id).get("redriven", 0) == (3 if lost == "messages" else 0)
