@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install test lint demo bench chaos clean redis
+.PHONY: install test lint demo bench chaos clean redis chromium
 
 install: $(STAMP)
 
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 redis:
 	@scripts/ensure-redis.sh
 
-test: install redis
+chromium:
+	@scripts/ensure-chromium.sh
+
+test: install redis chromium
 	$(BIN)/python -m pytest
 
 lint: install

@@ -15,6 +15,7 @@ import click
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import format_duration
 from jobs.models import micros_to_usd, usd_to_micros
+from jobs.report import MAX_PRESIGN_SECONDS
 from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
 from workers.context import WorkerSettings
 
@@ -191,6 +192,7 @@ def run_command(
         progress = runs.wait(started.run_id, _printer())
         summary = runs.report(started.run_id)
         click.echo(f"report: {summary['report']}")
+        click.echo(f"gallery: {summary['gallery']}")
         sys.exit(_exit_code(progress))
     finally:
         if local is not None:
@@ -269,18 +271,39 @@ def resume_command(run_id: str, output: str | None, manifest: Path | None, s3_en
     click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
 
 
+def _seconds(text: str) -> int:
+    """'3600', '90m', '12h' or '7d' as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = int(float(number) * unit)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use seconds or a number with s, m, h or d") from None
+    if not 60 <= seconds <= MAX_PRESIGN_SECONDS:
+        raise click.BadParameter("links can work from 1 minute to 7 days (S3's limit)")
+    return seconds
+
+
 @click.command("report")
 @click.argument("run_id")
 @click.option("--output", default=None, help="Rebuild from the records under this output when Redis lost the run.")
 @click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
-def report_command(run_id: str, output: str | None, s3_endpoint: str | None) -> None:
-    """Write report.csv and summary.json of RUN_ID now (also done when the run ends)."""
+@click.option(
+    "--presign",
+    is_flag=True,
+    help="Also write report-presigned.html, whose links work without credentials for --expires (s3:// only).",
+)
+@click.option("--expires", default="7d", show_default=True, help="How long presigned links work: 3600, 90m, 12h, 7d.")
+def report_command(run_id: str, output: str | None, s3_endpoint: str | None, presign: bool, expires: str) -> None:
+    """Write report.csv, report.html (the gallery) and summary.json of RUN_ID now (also done when the run ends)."""
+    seconds = _seconds(expires) if presign else None
     with _click_errors():
         runs = _runs()
         if runs.store.run_meta(run_id) is None and output:
-            summary = report_from_storage(output, run_id, s3_endpoint)
+            summary = report_from_storage(output, run_id, s3_endpoint, presign_seconds=seconds)
         else:
-            summary = runs.report(run_id)
+            summary = runs.report(run_id, presign_seconds=seconds)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -1,4 +1,4 @@
-"""report.csv and summary.json: one row per manifest row, in manifest order, safe to open.
+"""report.csv, report.html and summary.json: one row (and card) per manifest row, in order, safe to open.
 
 A cell that starts with = + - @ (or a tab or carriage return) would be run as a
 formula by a spreadsheet; such cells are prefixed with a quote.
@@ -10,13 +10,22 @@ import csv
 import io
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from jobs.budget import Budget
+from jobs.gallery import job_view, render
 from jobs.models import micros_to_usd
 from jobs.records import FINAL, JobRecord, RunStore
 from jobs.storage import Storage
+from jobs.thumbs import Thumbs, relative
 
+ReadInput = Callable[[str, str, str | None], bytes | None]
+
+PRESIGNED_PAGE = "report-presigned.html"
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # what S3's signature (SigV4) allows
 COLUMNS = ["id", "status", "model", "prompt", "prediction_id", "outputs", "cost_usd", "attempts", "error"]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -49,9 +58,18 @@ def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list
 
 
 def write_report(
-    storage: Storage, records: Iterator[JobRecord | dict[str, Any]], meta: dict[str, Any], *, now: float | None = None
+    storage: Storage,
+    records: Iterator[JobRecord | dict[str, Any]],
+    meta: dict[str, Any],
+    *,
+    now: float | None = None,
+    read_input: ReadInput | None = None,
+    budget: dict[str, str] | None = None,
+    presign_seconds: int | None = None,
 ) -> dict[str, Any]:
-    """Write report.csv and summary.json; return the summary."""
+    """Write report.csv, the gallery (report.html with its thumbnails) and summary.json; return the
+    summary. With `presign_seconds` (S3 only), also report-presigned.html, whose links work
+    without credentials for that long; its own link is in the summary returned, never stored."""
     metadata_columns = [c for c in meta.get("metadata_columns", []) if c not in COLUMNS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -59,9 +77,15 @@ def write_report(
     counts: Counter[str] = Counter()
     cost_by_model: Counter[str] = Counter()
     total_cost = 0
+    views: list[dict[str, Any]] = []
     for rec in records:
         d = rec.to_json() if isinstance(rec, JobRecord) else rec
-        writer.writerow(row_of(d, metadata_columns))
+        row = row_of(d, metadata_columns)
+        writer.writerow(row)
+        view = job_view(d, row[COLUMNS.index("error")].removeprefix("'"))
+        view["outputs"] = d.get("outputs") or []
+        view["image_refs"] = _refs(rec, meta)
+        views.append(view)
         counts[d["state"]] += 1
         cost = int(d.get("cost_micros") or 0)
         total_cost += cost
@@ -82,12 +106,80 @@ def write_report(
         "wall_seconds": round(now - started, 3),
         "jobs_per_second": round(finished / (now - started), 3) if now > started else None,
         "report": storage.uri("report.csv"),
+        "gallery": storage.uri("report.html"),
     }
+    if budget:
+        summary["budget"] = budget
+    presigned = write_gallery(storage, summary, views, read_input, presign_seconds=presign_seconds)
     storage.put_json("summary.json", summary)
+    if presigned:
+        return {**summary, "gallery_presigned_url": presigned, "gallery_presigned_seconds": presign_seconds}
     return summary
 
 
-def write_run_report(store: RunStore, storage: Storage, run_id: str) -> dict[str, Any]:
+def write_gallery(
+    storage: Storage,
+    summary: dict[str, Any],
+    views: list[dict[str, Any]],
+    read_input: ReadInput | None,
+    *,
+    presign_seconds: int | None = None,
+) -> str | None:
+    """report.html beside report.csv, with relative links: it works from the folder, wherever it
+    is copied. With `presign_seconds`, report-presigned.html too, for opening straight from S3
+    (a private bucket answers relative links with 403); returns that page's own presigned link."""
+    base = storage.uri("report.csv")[: -len("report.csv")]
+    Thumbs(storage, read_input).make_all(views, base)
+    for v in views:
+        v["full_out"] = [relative(u, base) for u in v["outputs"]]
+    html = "text/html; charset=utf-8"
+    storage.put_bytes("report.html", render(summary, views).encode("utf-8"), html)
+    if not presign_seconds:
+        return None
+    seconds = presign_seconds
+    page_link = storage.presign(PRESIGNED_PAGE, seconds)  # an S3 output, or ConfigError before any work
+    parts = urlsplit(page_link)
+    page = render(
+        summary,
+        views,
+        link=lambda key: storage.presign(key, seconds),
+        img_sources=f"'self' data: {parts.scheme}://{parts.netloc}",
+    )
+    storage.put_bytes(PRESIGNED_PAGE, page.encode("utf-8"), html)
+    return page_link
+
+
+def _refs(rec: JobRecord | dict[str, Any], meta: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(kind, value, local path) of each input; a durable record keeps only the values."""
+    if isinstance(rec, JobRecord):
+        return [(i.kind, i.value, i.path) for i in rec.spec.images]
+    refs: list[tuple[str, str, str | None]] = []
+    folder = Path(str(meta.get("manifest") or ".")).parent
+    for value in rec.get("images") or []:
+        v = str(value)
+        if v.startswith("s3://"):
+            refs.append(("s3", v, None))
+        elif "://" in v:
+            refs.append(("url", v, None))
+        else:
+            refs.append(("local", v, str(folder / v)))
+    return refs
+
+
+def write_run_report(
+    store: RunStore,
+    storage: Storage,
+    run_id: str,
+    *,
+    read_input: ReadInput | None = None,
+    presign_seconds: int | None = None,
+) -> dict[str, Any]:
     meta = store.run_meta(run_id) or {}
     meta["run_id"] = run_id
-    return write_report(storage, store.iter_records(run_id), meta)
+    state = Budget(store.client, str(meta.get("budget_scope") or run_id), prefix=store.prefix).state()
+    budget = None
+    if state.cap_micros is not None:
+        budget = {"cap_usd": micros_to_usd(state.cap_micros), "spent_usd": micros_to_usd(state.spent_micros)}
+    return write_report(
+        storage, store.iter_records(run_id), meta, read_input=read_input, budget=budget, presign_seconds=presign_seconds
+    )

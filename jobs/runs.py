@@ -8,6 +8,7 @@ whose durable record has a prediction id is polled again, never resubmitted.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from jobs.preflight import Verdict, account_balance, check
 from jobs.records import FAILED, FETCHING, FINAL, PENDING, SUBMITTED, RunStore
 from jobs.report import write_report, write_run_report
 from jobs.storage import Storage, open_storage
+from jobs.thumbs import input_reader
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
 from workers.context import WorkerSettings
@@ -253,8 +255,11 @@ class Runs:
         meta = self.meta(run_id)
         return open_storage(meta["output"], run_id, endpoint_url=self.settings.s3_endpoint or meta.get("s3_endpoint"))
 
-    def report(self, run_id: str) -> dict[str, Any]:
-        return write_run_report(self.store, self.storage(run_id), run_id)
+    def report(self, run_id: str, *, presign_seconds: int | None = None) -> dict[str, Any]:
+        meta = self.meta(run_id)
+        reader = input_reader(_s3_client(meta.get("s3_endpoint")))
+        storage = self.storage(run_id)
+        return write_run_report(self.store, storage, run_id, read_input=reader, presign_seconds=presign_seconds)
 
     def wait(
         self,
@@ -417,11 +422,29 @@ class Runs:
         return len(todo)
 
 
-def report_from_storage(output: str, run_id: str, s3_endpoint: str | None = None) -> dict[str, Any]:
+def report_from_storage(
+    output: str, run_id: str, s3_endpoint: str | None = None, *, presign_seconds: int | None = None
+) -> dict[str, Any]:
     """The report when Redis no longer knows the run: rebuilt from the durable records."""
     storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
     saved = storage.get_json("run.json") or {}
     records = [storage.get_json(k) for k in storage.list("records") if k.endswith(".json")]
     rows = sorted((r for r in records if isinstance(r, dict)), key=lambda r: int(r.get("line") or 0))
-    return write_report(storage, iter(rows), saved)
+    reader = input_reader(_s3_client(s3_endpoint or saved.get("s3_endpoint")))
+    return write_report(storage, iter(rows), saved, read_input=reader, presign_seconds=presign_seconds)
 
+
+def _s3_client(endpoint: str | None) -> Callable[[], Any]:
+    """Made on first use: a report of local inputs needs no S3 at all."""
+    made: list[Any] = []
+
+    def client() -> Any:
+        if not made:
+            import boto3
+            from botocore.config import Config
+
+            cfg = Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 3})
+            made.append(boto3.client("s3", endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL"), config=cfg))
+        return made[0]
+
+    return client

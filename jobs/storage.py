@@ -36,6 +36,7 @@ class Storage(Protocol):
     def get_bytes(self, key: str) -> bytes | None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
+    def presign(self, key: str, seconds: int) -> str: ...
 
 
 def _dumps(obj: Any) -> bytes:
@@ -99,6 +100,9 @@ class LocalStorage(_JsonOnBytes):
     def uri(self, key: str) -> str:
         return str(self._path(key))
 
+    def presign(self, key: str, seconds: int) -> str:
+        raise ConfigError("links that work for a set time need an s3:// output; a folder's report links relatively")
+
 
 class S3Storage(_JsonOnBytes):
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None, client: Any = None) -> None:
@@ -110,7 +114,13 @@ class S3Storage(_JsonOnBytes):
         self.client = client or boto3.client(
             "s3",
             endpoint_url=endpoint_url or None,
-            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"}),
+            # SigV4 for presigned links too (botocore still signs those with V2 unless told; AWS wants V4)
+            config=Config(
+                connect_timeout=5,
+                read_timeout=30,
+                retries={"max_attempts": 3, "mode": "standard"},
+                signature_version="s3v4",
+            ),
         )
 
     def _key(self, key: str) -> str:
@@ -169,6 +179,12 @@ class S3Storage(_JsonOnBytes):
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
+
+    def presign(self, key: str, seconds: int) -> str:
+        """A GET link that works without credentials for `seconds` (signed locally, no request)."""
+        params = {"Bucket": self.bucket, "Key": self._key(key)}
+        fn = self.client.generate_presigned_url
+        return str(self._call("presign", fn, ClientMethod="get_object", Params=params, ExpiresIn=int(seconds)))
 
 
 def _ascii(value: str) -> str:

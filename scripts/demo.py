@@ -2,7 +2,7 @@
 
 Starts the sandbox (predictions take about a second, a few faults injected so the
 run shows its retries), then runs the example catalog with two local worker
-processes into demo-output/, and prints where the outputs and the report are.
+processes into demo-output/, and prints where the outputs, the report and the gallery are.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ def main() -> int:
     if runs:
         latest = max(runs, key=lambda p: p.stat().st_mtime)
         print(f"outputs: {latest / 'outputs'}")
-        print(f"report:  {latest / 'report.csv'}")
         print(f"summary: {latest / 'summary.json'}")
     print(
         f"the sandbox billed ${acc['billed_usd']} for {acc['billed_count']} predictions; "

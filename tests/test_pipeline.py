@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import boto3
+import httpx
 import redis
 
 from jobs.images import inspect
@@ -62,6 +63,14 @@ def test_mixed_manifest_ends_in_s3_consistent_with_the_service(pipe: Pipeline, s
         assert API_KEY not in json.dumps(head["Metadata"]) and API_KEY.encode() not in obj(
             key.split(f"{run_id}/", 1)[1]
         )
+    assert b"sku-011" in obj("report.html") and sum("/thumbs/out/" in k for k in keys) == 12
+    presigned = pipe.cli("report", run_id, "--presign", "--expires", "1h")
+    assert presigned.returncode == 0, presigned.stderr
+    link = json.loads(presigned.stdout)["gallery_presigned_url"]
+    page = httpx.get(link, timeout=10)  # opened straight from S3, no credentials
+    assert page.status_code == 200 and b"sku-011" in page.content and "X-Amz-Expires=3600" in page.text
+    refused = pipe.cli("report", run_id, "--presign", "--expires", "30d")
+    assert refused.returncode == 2 and "7 days" in refused.stderr
 
 
 def test_invalid_manifest_enqueues_and_spends_nothing(pipe: Pipeline, rconn: redis.Redis) -> None:

@@ -39,6 +39,7 @@ from jobs.records import (
     UNCERTAIN,
     JobRecord,
 )
+from jobs.thumbs import store_output_thumbnail
 from workers.context import Context
 from workers.prediction import State
 
@@ -409,6 +410,7 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
             k = ctx.runs.incr(run_id, rec.id, "store_attempts")
             log.warning("storing %s failed (%s); try %d", key, exc, k)
             return backoff(k, 1.0, 30.0)
+        store_output_thumbnail(storage, rec.id, n, data)
         outputs.append(uri)
         if len(outputs) < len(rec.service_outputs):  # the last one is written with the final state
             ctx.runs.update(run_id, rec.id, outputs=outputs)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 from jobs.errors import StateError, StorageError
 from jobs.report import write_run_report
+from jobs.thumbs import input_reader
 from workers.celery import app
 from workers.context import Context, get_context
 from workers.steps import STALE, advance
@@ -91,7 +92,7 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str]
 def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
     ctx = get_context()
     try:
-        summary = write_run_report(ctx.runs, ctx.storage(run_id), run_id)
+        summary = write_run_report(ctx.runs, ctx.storage(run_id), run_id, read_input=input_reader(ctx.s3))
     except (StateError, StorageError) as exc:
         log.warning("report of %s not written yet: %s", run_id, exc)
         raise self.retry(countdown=10) from None
