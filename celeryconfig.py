@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 
+from jobs.settings import apply_file
+
+apply_file(os.environ)  # seedream-batch.toml, under the environment, for `celery -A workers worker` too
+
 broker_url = os.environ.get("SEEDREAM_BROKER_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 result_backend = None
 task_ignore_result = True
@@ -31,5 +35,4 @@ worker_send_task_events = True
 task_send_sent_event = False  # one extra publish per task at enqueue: half its cost
 worker_hijack_root_logger = False
 task_default_queue = os.environ.get("SEEDREAM_QUEUE", "seedream")
-task_acks_on_failure_or_timeout = True
 broker_connection_timeout = 5

@@ -37,6 +37,7 @@ while room > 0 do
     redis.call('ZADD', KEYS[2], ARGV[2], id)
     out[#out + 1] = id
     out[#out + 1] = f[3] or ''
+    out[#out + 1] = f[1]
     room = room - 1
   end
 end
@@ -66,8 +67,10 @@ class Backlog:
         return n
 
     @translated
-    def admit(self, run_id: str, window: int, now: float | None = None, *, done: str = "") -> list[tuple[str, str]]:
-        """(job id, its current token) for each job let in; the caller publishes their messages.
+    def admit(
+        self, run_id: str, window: int, now: float | None = None, *, done: str = ""
+    ) -> list[tuple[str, str, str]]:
+        """(job id, its current token, its state) for each job let in; the caller publishes their messages.
         `done`: a job that just ended leaves the window first (in the same round trip)."""
         flat = self._admit(
             keys=[self.store.backlog_key(run_id), self.store.due_key(run_id)],
@@ -80,7 +83,7 @@ class Backlog:
             ],
         )
         items = [str(x) for x in flat]
-        return list(zip(items[::2], items[1::2], strict=True))
+        return list(zip(items[::3], items[1::3], items[2::3], strict=True))
 
     @translated
     def waiting(self, run_id: str) -> int:

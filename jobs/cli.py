@@ -3,25 +3,73 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from jobs.config import Limits
 from jobs.errors import ConfigError
 from jobs.estimate import render_text, scan
+from jobs.logs import configure
 from jobs.models import ModelTable, usd_to_micros
+from jobs.settings import FILE_NAME, SETTINGS, apply, effective
 from manifests.validate import Result, Validator
 from sandbox.settings import Faults, SandboxSettings
 
 EXIT_INVALID = 2
 
 
+def _setting_options(fn: Any) -> Any:
+    """One global option per setting (jobs/settings.py), so every setting has a flag."""
+    for s in reversed(SETTINGS):
+        if s.name == "api_key":
+            kind: Any = click.Path(exists=True, dir_okay=False)
+            text = "A file holding the API key (never the key itself on a command line)."
+        else:
+            kind = click.Choice(s.choices) if s.choices else s.kind
+            text = f"{s.help[0].upper()}{s.help[1:]} [{s.env}]."
+        metavar = "PATH" if s.name == "api_key" else s.kind.__name__.upper()
+        fn = click.option(s.flag, f"set_{s.name}", type=kind, default=None, help=text, metavar=metavar)(fn)
+    return fn
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="seedream-batch")
-def main() -> None:
-    """Run manifests of Seedream image edits on Atlas Cloud: validated, budgeted, resumable."""
+@click.option("--config", "config_path", default=None, help=f"A TOML file of settings (default: ./{FILE_NAME}).")
+@_setting_options
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """Run manifests of Seedream image edits on Atlas Cloud: validated, budgeted, resumable.
+
+    Every setting comes from a flag, the environment or the TOML file, in that order of
+    precedence; `seedream-batch config` shows the result.
+    """
+    values = {name.removeprefix("set_"): v for name, v in flags.items() if v is not None}
+    if "api_key" in values:
+        values["api_key"] = Path(values["api_key"]).read_text(encoding="utf-8").strip()
+    try:
+        ctx.obj = {"sources": apply(os.environ, config=config_path, flags=values)}
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    configure(os.environ.get("SEEDREAM_LOG_FORMAT", "text"), os.environ.get("SEEDREAM_LOG_LEVEL") or "WARNING")
+
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON.")
+@click.pass_context
+def config_command(ctx: click.Context, as_json: bool) -> None:
+    """Print every setting's value now (secrets masked) and where it came from."""
+    rows = effective(os.environ, (ctx.find_root().obj or {}).get("sources", {}))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("setting", "value", "source")}
+    click.echo("  ".join(k.ljust(w) for k, w in widths.items()) + "  env / flag")
+    for r in rows:
+        click.echo("  ".join(r[k].ljust(w) for k, w in widths.items()) + f"  {r['env']} / {r['flag']}")
 
 
 @click.command("sandbox")

@@ -44,8 +44,9 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     backlog = Backlog(store.client, store)
 
     def admit(run_id: str) -> int:
-        window = int((store.run_meta(run_id) or {}).get("window") or settings.limits.admission_window)
-        return publish(run_id, backlog.admit(run_id, window), queue=queue)
+        meta = store.run_meta(run_id) or {}
+        window = int(meta.get("window") or settings.limits.admission_window)
+        return publish(run_id, backlog.admit(run_id, window), {**meta, "queue": queue})
 
     return admit
 
@@ -112,6 +113,14 @@ def _exit_code(p: Progress) -> int:
 @click.option("--skip-invalid", is_flag=True, help="Run the valid rows and list the invalid ones.")
 @click.option("--submit-rate", type=float, default=None, help="Submits/s per API key (default SEEDREAM_SUBMIT_RATE).")
 @click.option("--max-in-flight", type=int, default=None, help="Predictions in flight per key (default 16).")
+@click.option(
+    "--notify",
+    "notify_url",
+    default=None,
+    envvar="SEEDREAM_NOTIFY_URL",
+    help="POST the run's summary (JSON) to this URL when it ends; retried, never fails the run.",
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines of the local workers.")
 def run_command(
     manifest: Path,
     output: str,
@@ -130,6 +139,8 @@ def run_command(
     skip_invalid: bool,
     submit_rate: float | None,
     max_in_flight: int | None,
+    notify_url: str | None,
+    log_format: str | None,
 ) -> None:
     """Validate MANIFEST, check the budget, and run every row through the service."""
     from workers.atlas import AtlasClient
@@ -139,6 +150,8 @@ def run_command(
         os.environ["SEEDREAM_SUBMIT_RATE"] = str(submit_rate)
     if max_in_flight is not None:
         os.environ["SEEDREAM_MAX_IN_FLIGHT"] = str(max_in_flight)
+    if log_format is not None:
+        os.environ["SEEDREAM_LOG_FORMAT"] = log_format
     try:
         settings = settings_from_env(api_base)
         opts = RunOptions(
@@ -155,6 +168,8 @@ def run_command(
             skip_invalid=skip_invalid,
             s3_endpoint=s3_endpoint,
             queue=_queue(),
+            fetch_queue=os.environ.get("SEEDREAM_FETCH_QUEUE", ""),
+            notify_url=notify_url or "",
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -190,9 +205,11 @@ def run_command(
             return
         runs = Runs(settings)
         progress = runs.wait(started.run_id, _printer())
-        summary = runs.report(started.run_id)
+        summary = runs.final_summary(started.run_id)
         click.echo(f"report: {summary['report']}")
         click.echo(f"gallery: {summary['gallery']}")
+        if local is not None:  # the workers about to stop still owe the report and the webhook
+            runs.wait_wrapped_up(started.run_id, notify=bool(opts.notify_url or os.environ.get("SEEDREAM_NOTIFY_URL")))
         sys.exit(_exit_code(progress))
     finally:
         if local is not None:
@@ -309,15 +326,44 @@ def report_command(run_id: str, output: str | None, s3_endpoint: str | None, pre
 
 @click.command("worker")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Threads (the stages wait on I/O).")
-@click.option("--queues", default=None, help="Queues to consume (default SEEDREAM_QUEUE or 'seedream').")
+@click.option(
+    "--role",
+    type=click.Choice(["all", "control", "fetch"]),
+    default="all",
+    show_default=True,
+    help="control: submits and polls (SEEDREAM_QUEUE); fetch: downloads and storage writes (SEEDREAM_FETCH_QUEUE).",
+)
+@click.option("--queues", default=None, help="Comma-separated queues to consume, instead of --role.")
 @click.option("--name", default="seedream@%h", show_default=True, help="Worker name (for Flower, logs).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker_command(concurrency: int, queues: str | None, name: str, loglevel: str) -> None:
-    """Run a Celery worker for seedream jobs (thread pool, events on for Flower)."""
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines as text or JSON.")
+@click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (0: off).")
+def worker_command(
+    concurrency: int,
+    role: str,
+    queues: str | None,
+    name: str,
+    loglevel: str,
+    log_format: str | None,
+    metrics_port: int | None,
+) -> None:
+    """Run a Celery worker for seedream jobs (thread pool, events on for Flower). SIGTERM is a
+    warm stop: running steps finish, nothing waiting is lost."""
+    if log_format is not None:
+        os.environ["SEEDREAM_LOG_FORMAT"] = log_format
+    if metrics_port is not None:
+        os.environ["SEEDREAM_METRICS_PORT"] = str(metrics_port)
     from workers.celery import app
     from workers.local import worker_args
 
-    app.worker_main(worker_args(concurrency=concurrency, queue=queues or _queue(), name=name, loglevel=loglevel))
+    fetch = os.environ.get("SEEDREAM_FETCH_QUEUE", "")
+    if role == "fetch" and not fetch and not queues:
+        raise click.UsageError("--role fetch needs SEEDREAM_FETCH_QUEUE (or fetch_queue in the config file)")
+    by_role = {"control": [_queue()], "fetch": [fetch], "all": [_queue(), fetch]}[role]
+    chosen = queues or ",".join(q for q in dict.fromkeys(by_role) if q)
+    quiet = os.environ.get("SEEDREAM_LOG_FORMAT") == "json"
+    args = worker_args(concurrency=concurrency, queue=chosen, name=name, loglevel=loglevel, quiet=quiet)
+    app.worker_main(args)
 
 
 COMMANDS = [

@@ -90,6 +90,10 @@ class PredictionFailed(ServiceError):
         self.error_code = error_code
 
 
+class NotifyError(SeedreamError):
+    """The run's webhook did not take the summary (it is tried again; the run is not affected)."""
+
+
 class BadOutput(ServiceError):
     """An output could not be taken: too large, not an image, or at a refused address."""
 

@@ -55,10 +55,10 @@ return 1
 # The next message's token is announced (and the job's due time moved to when it should run)
 # before the message is published.
 _ANNOUNCE = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'next_token', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
+return redis.call('HGET', KEYS[1], 'state')
 """
 
 # A message may drive the job when it holds the current token or the announced next one; it
@@ -399,9 +399,11 @@ class RunStore:
     # is announced before it is published and committed after, so a worker killed in between
     # leaves either the old message (restored by the broker) or the new one valid, never neither.
     @translated
-    def announce_token(self, run_id: str, job_id: str, old: str, new: str, due_at: float) -> bool:
+    def announce_token(self, run_id: str, job_id: str, old: str, new: str, due_at: float) -> str | None:
+        """The job's state, once `new` is announced as its next token; None if `old` no longer drives it."""
         keys = [self.job_key(run_id, job_id), self.due_key(run_id)]
-        return bool(int(self._announce(keys=keys, args=[old, new, repr(due_at), job_id])))
+        state = self._announce(keys=keys, args=[old, new, repr(due_at), job_id])
+        return str(state) if state else None
 
     @translated
     def begin(self, run_id: str, job_id: str, token: str, due_at: float) -> JobRecord | None:

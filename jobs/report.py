@@ -78,6 +78,7 @@ def write_report(
     cost_by_model: Counter[str] = Counter()
     total_cost = 0
     views: list[dict[str, Any]] = []
+    reasons: Counter[str] = Counter()
     for rec in records:
         d = rec.to_json() if isinstance(rec, JobRecord) else rec
         row = row_of(d, metadata_columns)
@@ -87,6 +88,8 @@ def write_report(
         view["image_refs"] = _refs(rec, meta)
         views.append(view)
         counts[d["state"]] += 1
+        if d["state"] != "succeeded":
+            reasons[f"{d['state']}:{d.get('reason') or 'unknown'}"] += 1
         cost = int(d.get("cost_micros") or 0)
         total_cost += cost
         cost_by_model[d["model"]] += cost
@@ -98,6 +101,8 @@ def write_report(
         "run_id": meta.get("run_id"),
         "jobs": sum(counts.values()),
         "counts": dict(counts),
+        "outcome": outcome(counts, reasons),
+        "reasons": dict(sorted(reasons.items())),
         "finished": finished,
         "total_cost_usd": micros_to_usd(total_cost),
         "total_cost_micros": total_cost,
@@ -115,6 +120,20 @@ def write_report(
     if presigned:
         return {**summary, "gallery_presigned_url": presigned, "gallery_presigned_seconds": presign_seconds}
     return summary
+
+
+def outcome(counts: Counter[str], reasons: Counter[str]) -> str:
+    """How the run ended, in one word for a webhook or a script: cancelled, payment_refused,
+    budget_exhausted (any job skipped for that), succeeded (every job), failed (none), or
+    partly_failed."""
+    halts = (("cancelled", "cancelled"), ("payment_required", "payment_refused"), ("budget", "budget_exhausted"))
+    for reason, word in halts:
+        if reasons.get(f"skipped:{reason}"):
+            return word
+    total = sum(counts.values())
+    if counts.get("succeeded", 0) == total:
+        return "succeeded"
+    return "failed" if not counts.get("succeeded") else "partly_failed"
 
 
 def write_gallery(

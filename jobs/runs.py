@@ -65,6 +65,8 @@ class RunOptions:
     skip_invalid: bool = False
     s3_endpoint: str | None = None
     queue: str = "seedream"
+    fetch_queue: str = ""
+    notify_url: str = ""
     check_balance: bool = True
 
 
@@ -138,6 +140,8 @@ def start_run(
         "prices": {m: s.price_micros for m, s in table.models.items()},
         "metadata_columns": metadata_columns,
         "queue": opts.queue,
+        "fetch_queue": opts.fetch_queue if opts.fetch_queue != opts.queue else "",
+        "notify_url": opts.notify_url,
         "window": settings.limits.admission_window,
         "s3_endpoint": opts.s3_endpoint,
         "created_at": time.time(),
@@ -146,10 +150,9 @@ def start_run(
     if not store.create_run(run_id, meta):
         raise ConfigError(f"run id {run_id!r} is already used; pick another or `resume` it")
     storage = open_storage(opts.output, run_id, endpoint_url=opts.s3_endpoint)
-    storage.put_json(
-        "run.json",
-        {**meta, "limits": settings.limits.__dict__, "estimate": est.to_dict(), "budget_cap_micros": state.cap_micros},
-    )
+    durable = {k: v for k, v in meta.items() if k != "notify_url"}  # a webhook may carry a token
+    extra = {"limits": settings.limits.__dict__, "estimate": est.to_dict(), "budget_cap_micros": state.cap_micros}
+    storage.put_json("run.json", {**durable, **extra})
     count = 0
     batch: list[JobSpec] = []
     for spec in validator.jobs():
@@ -175,6 +178,8 @@ class Progress:
     halted: str | None
     budget_cap: int | None
     budget_spent: int
+    report_written: bool = False
+    notified: str | None = None
 
     @property
     def finished(self) -> int:
@@ -195,7 +200,8 @@ class Progress:
     def to_json(self) -> dict[str, Any]:
         from jobs.models import micros_to_usd
 
-        return {
+        return {  # `status --json`: fields are only ever added; a change of meaning bumps the schema
+            "schema": 1,
             "run_id": self.run_id,
             "total": self.total,
             "finished": self.finished,
@@ -215,6 +221,8 @@ class Progress:
             "http_429": self.counts.get("http_429", 0),
             "uploads": self.counts.get("uploads", 0),
             "polls": self.counts.get("polls", 0),
+            "report_written": self.report_written,
+            "notified": self.notified,
         }
 
 
@@ -249,6 +257,8 @@ class Runs:
             halted=self.control.halted(run_id),
             budget_cap=budget.cap_micros,
             budget_spent=budget.spent_micros,
+            report_written=bool(meta.get("report_written")),
+            notified=meta.get("notified") or None,
         )
 
     def storage(self, run_id: str) -> Storage:
@@ -260,6 +270,15 @@ class Runs:
         reader = input_reader(_s3_client(meta.get("s3_endpoint")))
         storage = self.storage(run_id)
         return write_run_report(self.store, storage, run_id, read_input=reader, presign_seconds=presign_seconds)
+
+    def final_summary(self, run_id: str, *, timeout: float = 30.0) -> dict[str, Any]:
+        """The summary the workers wrote when the run ended (the one the webhook got); written
+        here only if they have not within `timeout` (e.g. all of them are down)."""
+        if self.wait_wrapped_up(run_id, notify=False, timeout=timeout):
+            saved = self.storage(run_id).get_json("summary.json")
+            if isinstance(saved, dict):
+                return saved
+        return self.report(run_id)
 
     def wait(
         self,
@@ -278,6 +297,17 @@ class Runs:
             if deadline is not None and time.monotonic() > deadline:
                 return p
             time.sleep(interval)
+
+    def wait_wrapped_up(self, run_id: str, *, notify: bool, timeout: float = 120.0) -> bool:
+        """Wait until the workers wrote the run's report and, with a webhook, told it (or gave up):
+        `run --workers` stops its workers only then. False at the deadline."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            meta = self.meta(run_id)
+            if meta.get("report_written") and (not notify or meta.get("notified")):
+                return True
+            time.sleep(0.2)
+        return False
 
     def cancel(self, run_id: str) -> str:
         self.meta(run_id)

@@ -87,7 +87,6 @@ class Thumbs:
         except StorageError as exc:
             log.warning("cannot list thumbnails (%s); making them again", exc)
 
-
     def make_all(self, jobs: list[dict[str, Any]], base_uri: str) -> None:
         """Fill in `thumbs_in` / `thumbs_out` of each job (a key, or "" where there is none)."""
         tasks: dict[str, Callable[[], bytes | None]] = {}

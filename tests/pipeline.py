@@ -61,7 +61,7 @@ class Pipeline:
         return subprocess.run([EXE, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def start_workers(
-        self, count: int = 2, concurrency: int = 4, *, loglevel: str = "WARNING", restart: bool = False
+        self, count: int = 2, concurrency: int = 4, *, loglevel: str = "WARNING", restart: bool = False, name: str = ""
     ) -> LocalWorkers:
         log = str(self.tmp / "workers.log")
         w = LocalWorkers(
@@ -72,6 +72,7 @@ class Pipeline:
             log_path=log,
             loglevel=loglevel,
             restart=restart,
+            name=name,
         )
         w.start()
         self.workers.append(w)

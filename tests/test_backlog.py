@@ -26,15 +26,15 @@ def test_admit_lets_in_up_to_the_window_and_skips_settled_and_duplicates(rconn: 
     store.update("r", "j1", state=SUCCEEDED, record_written="1")  # settled meanwhile: never let in
     store.update("r", "j2", state="failed", record_written="0")  # ended, record not stored: let in to store it
 
-    assert backlog.admit("r", 3, now=100.0) == [("j0", "t0"), ("j2", "t0"), ("j3", "t0")]
+    assert backlog.admit("r", 3, now=100.0) == [("j0", "t0", PENDING), ("j2", "t0", "failed"), ("j3", "t0", PENDING)]
     assert rconn.zrange(store.due_key("r"), 0, -1, withscores=True) == [("j0", 100.0), ("j2", 100.0), ("j3", 100.0)]
     assert backlog.admit("r", 3) == []  # full: nothing more until one leaves
 
     store.clear_due("r", "j0")
     store.clear_due("r", "j3")
-    assert backlog.admit("r", 3) == [("j4", "t0"), ("j5", "t0")]
+    assert backlog.admit("r", 3) == [("j4", "t0", PENDING), ("j5", "t0", PENDING)]
     backlog.push("r", ["j4", "j0"])  # j4 is out: this second entry is dropped; j0 is not (pushed again)
-    assert backlog.admit("r", 3, done="j2") == [("j0", "t0")] and backlog.waiting("r") == 0  # j2 ended: out
+    assert backlog.admit("r", 3, done="j2") == [("j0", "t0", PENDING)] and backlog.waiting("r") == 0  # j2 out
     assert rconn.zscore(store.due_key("r"), "j2") is None
     assert ids == [f"j{i}" for i in range(6)] and store.get("r", "j5").state == PENDING  # type: ignore[union-attr]
 
@@ -49,7 +49,7 @@ def test_concurrent_admits_never_exceed_the_window(rconn: redis.Redis, prefix: s
     def admit() -> None:
         mine = Backlog(redis.Redis(connection_pool=rconn.connection_pool), store).admit("r", 25)
         with lock:
-            got.extend(j for j, _ in mine)
+            got.extend(j for j, _, _ in mine)
 
     threads = [threading.Thread(target=admit) for _ in range(8)]
     for t in threads:

@@ -31,6 +31,7 @@ from jobs.errors import (
     ServiceError,
     TransientError,
 )
+from workers.metrics import RETRIES
 from workers.prediction import (
     Prediction,
     clip,
@@ -197,7 +198,10 @@ class AtlasClient:
 
     def _retrying(self, fn: Callable[[], T], op: str, policy: Backoff | None = None) -> T:
         def note(attempt: int, exc: BaseException, wait: float) -> None:
-            log.info("retrying %s after %s (try %d, waiting %.2fs)", op, type(exc).__name__, attempt, wait)
+            stage = op.split(" ", 1)[0]
+            RETRIES.labels(stage).inc()
+            log.warning("retrying %s after %s (try %d, waiting %.2fs)", op, type(exc).__name__, attempt, wait,
+                        extra={"event": "retry", "reason": stage, "attempt": attempt})  # fmt: skip
 
         return call_with_retry(fn, policy or self.config.read_retry, sleep=self._sleep, on_retry=note)
 

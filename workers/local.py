@@ -14,9 +14,14 @@ from collections.abc import Mapping
 log = logging.getLogger("seedream.workers")
 
 
-def worker_args(*, concurrency: int, queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
-    """Celery worker options this project runs with (threads: the stages wait on I/O; events for Flower)."""
+def worker_args(
+    *, concurrency: int, queue: str, name: str, loglevel: str = "WARNING", quiet: bool = False
+) -> list[str]:
+    """Celery worker options this project runs with (threads: the stages wait on I/O; events for
+    Flower; `quiet`: no banner, when every line must be JSON; it is Celery's global option, so it
+    comes before the subcommand)."""
     return [
+        *(["--quiet"] if quiet else []),
         "worker",
         "--pool",
         "threads",
@@ -34,15 +39,12 @@ def worker_args(*, concurrency: int, queue: str, name: str, loglevel: str = "WAR
     ]
 
 
-def worker_command(*, concurrency: int, queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
-        *worker_args(concurrency=concurrency, queue=queue, name=name, loglevel=loglevel),
-    ]
+def worker_command(
+    *, concurrency: int, queue: str, name: str, loglevel: str = "WARNING", quiet: bool = False
+) -> list[str]:
+    """`celery -A workers worker` with this project's options."""
+    args = worker_args(concurrency=concurrency, queue=queue, name=name, loglevel=loglevel, quiet=quiet)
+    return [sys.executable, "-m", "celery", "-A", "workers", *args]
 
 
 class LocalWorkers:
@@ -59,11 +61,13 @@ class LocalWorkers:
         log_path: str | None = None,
         loglevel: str = "WARNING",
         restart: bool = False,
+        name: str = "",
     ) -> None:
         self.count, self.concurrency, self.queue, self.loglevel = count, concurrency, queue, loglevel
         self.env = dict(os.environ if env is None else env)
         self.log_path = log_path
         self.restart = restart
+        self.name = name
         self.procs: list[subprocess.Popen[bytes]] = []
         self.restarts = 0
         self._stopping = threading.Event()
@@ -74,13 +78,18 @@ class LocalWorkers:
         cmd = worker_command(
             concurrency=self.concurrency,
             queue=self.queue,
-            name=f"seedream-{os.getpid()}-{id(self) % 100000}-{i}@%h",
+            name=f"{self.name}-{i}@%h" if self.name else f"seedream-{os.getpid()}-{id(self) % 100000}-{i}@%h",
             loglevel=self.loglevel,
+            quiet=self.env.get("SEEDREAM_LOG_FORMAT") == "json",
         )
+        env = dict(self.env)
+        base = int(env.get("SEEDREAM_METRICS_PORT") or 0)
+        if base:  # one port each: SEEDREAM_METRICS_PORT, +1, +2, ...
+            env["SEEDREAM_METRICS_PORT"] = str(base + i)
         if not self.log_path:
-            return subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         with open(self.log_path, "ab") as out:  # the child keeps its own copy of the descriptor
-            return subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def start(self) -> LocalWorkers:
         with self._lock:

@@ -31,7 +31,7 @@ def grace_seconds() -> float:
 
 def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None) -> int:
     """Re-drive overdue jobs of every active run; return how many."""
-    from workers.tasks import admit, run_job
+    from workers.tasks import admit, queue_for, run_job
 
     grace = grace_seconds() if grace is None else grace
     now = time.time() if now is None else now
@@ -53,10 +53,11 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
                 token = uuid.uuid4().hex
                 ctx.runs.force_token(run_id, job_id, token)
                 ctx.runs.set_due(run_id, job_id, now)
-                run_job.apply_async((run_id, job_id, token), queue=meta.get("queue") or None)
+                run_job.apply_async((run_id, job_id, token), queue=queue_for(meta, rec.state))
                 ctx.runs.bump(run_id, "redriven")
                 redriven += 1
-                log.warning("job %s/%s was overdue (%s); re-driven", run_id, job_id, rec.state)
+                extra = {"run_id": run_id, "job_id": job_id, "event": "redriven", "status": rec.state}
+                log.warning("job %s/%s was overdue (%s); re-driven", run_id, job_id, rec.state, extra=extra)
             admit(ctx, run_id)  # a worker that died after a job ended never let the next one in
     finally:
         ctx.redis.delete(lock)

@@ -40,7 +40,9 @@ from jobs.records import (
     JobRecord,
 )
 from jobs.thumbs import store_output_thumbnail
+from workers import events
 from workers.context import Context
+from workers.metrics import STEP_SECONDS
 from workers.prediction import State
 
 log = logging.getLogger("seedream.jobs")
@@ -62,7 +64,9 @@ def advance(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float
         if rec.final:
             return _final(ctx, meta, rec)
         step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: _submitted, FETCHING: _fetching}[rec.state]
+        started = time.monotonic()
         wait = step(ctx, meta, rec)
+        STEP_SECONDS.labels(rec.state).observe(time.monotonic() - started)
         if wait != NEXT:
             return wait
         rec = ctx.runs.get(run_id, job_id)
@@ -74,6 +78,21 @@ def advance(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float
 
 def _list_price(meta: dict[str, Any], rec: JobRecord) -> int:
     return int(meta["prices"][rec.spec.model])
+
+
+def _move(ctx: Context, rec: JobRecord, expect: str, to: str, **fields: Any) -> str:
+    """A transition (see RunStore.transition), logged and counted when it is made."""
+    moved = ctx.runs.transition(rec.run_id, rec.id, expect, to, **fields)
+    if moved == "ok":
+        events.moved(
+            rec,
+            expect,
+            to,
+            cost_micros=int(fields.get("cost_micros") or 0),
+            reason=str(fields.get("reason") or ""),
+            error=str(fields.get("error") or ""),
+        )
+    return moved
 
 
 def _end(
@@ -96,9 +115,9 @@ def _end(
         budget.release(rec.id)
     if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
         ctx.slots.release(f"{rec.run_id}:{rec.id}")
-    ctx.runs.transition(
-        rec.run_id,
-        rec.id,
+    _move(
+        ctx,
+        rec,
         expect,
         to,
         error=error[:2000],
@@ -106,9 +125,6 @@ def _end(
         cost_micros=str(cost),
         finished_at=repr(time.time()),
         **fields,
-    )
-    log.info(
-        "job %s/%s %s -> %s%s", rec.run_id, rec.id, expect, to, f" ({reason or error[:200]})" if reason or error else ""
     )
     return NEXT  # the loop in `advance` reads the state the job is really in
 
@@ -125,7 +141,7 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
             ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
         except StorageError as exc:
             n = ctx.runs.incr(rec.run_id, rec.id, "store_attempts")
-            log.warning("record of %s not stored yet (%s); try %d", rec.id, exc, n)
+            events.retry(rec, "store_record", n, str(exc))
             return backoff(n, 1.0, 60.0) if n < ctx.settings.max_store_attempts else None
         finished = ctx.runs.record_stored(rec.run_id, rec.id, succeeded=rec.state == SUCCEEDED)
         from workers.finish import maybe_finalize
@@ -164,14 +180,16 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     if later:
         return later
     attempts = rec.attempts + 1  # this message alone drives the job
-    if ctx.runs.transition(run_id, rec.id, PENDING, SUBMITTING, count="attempts") != "ok":
+    if _move(ctx, rec, PENDING, SUBMITTING, count="attempts") != "ok":
         return NEXT
     rec.state = SUBMITTING
     try:  # durable before the POST: a run resumed from storage never resubmits this job
         ctx.storage(run_id).put_json(f"records/{rec.id}.json", rec.to_json())
     except StorageError as exc:
-        ctx.runs.transition(run_id, rec.id, SUBMITTING, PENDING, error=str(exc))
-        return backoff(ctx.runs.incr(run_id, rec.id, "store_attempts"), 1.0, 30.0)
+        _move(ctx, rec, SUBMITTING, PENDING, error=str(exc))
+        n = ctx.runs.incr(run_id, rec.id, "store_attempts")
+        events.retry(rec, "store_record", n, str(exc))
+        return backoff(n, 1.0, 30.0)
     params: dict[str, Any] = {"prompt": rec.spec.prompt, "images": rec.input_urls, **rec.spec.params}
     if rec.spec.size:
         params["size"] = rec.spec.size
@@ -191,31 +209,36 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     try:
         sub = client.submit(rec.spec.model, params)
     except OutcomeUnknown as exc:
+        events.submitted(rec, "unknown")
         return _uncertain(ctx, meta, rec, SUBMITTING, error=exc.message, reason="submit_outcome_unknown")
     except RateLimited as exc:
         ctx.limiter.cool_down("submit", exc.retry_after)
+        events.rate_limited(rec, "submit", exc.retry_after)
         ctx.runs.bump(run_id, "http_429")
         ctx.runs.incr(run_id, rec.id, "attempts", -1)
-        ctx.runs.transition(run_id, rec.id, SUBMITTING, PENDING)
+        _move(ctx, rec, SUBMITTING, PENDING)
         return exc.retry_after if exc.retry_after is not None else 1.0
     except PaymentRequired as exc:
+        events.submitted(rec, "refused")
         ctx.control.halt(run_id, PAYMENT)
         return _end(ctx, meta, rec, SUBMITTING, SKIPPED, error=exc.message, reason=PAYMENT)
     except AuthError as exc:
+        events.submitted(rec, "refused")
         ctx.control.halt(run_id, "auth")
         return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="auth")
     except BadRequest as exc:
+        events.submitted(rec, "refused")
         return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
     except TransientError as exc:  # never left this machine: nothing was created
-        ctx.runs.transition(run_id, rec.id, SUBMITTING, PENDING, error=exc.message)
+        _move(ctx, rec, SUBMITTING, PENDING, error=exc.message)
         ctx.runs.bump(run_id, "retries")
+        events.retry(rec, "submit", attempts, exc.message)
         if attempts >= ctx.settings.max_attempts:
             return _end(ctx, meta, rec, PENDING, FAILED, error=exc.message, reason="unreachable")
         return backoff(attempts)
     now = time.time()
-    moved = ctx.runs.transition(
-        run_id, rec.id, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=sub.id, submitted_at=repr(now)
-    )
+    events.submitted(rec, "accepted", sub.id)
+    moved = _move(ctx, rec, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=sub.id, submitted_at=repr(now))
     if moved != "ok":
         # Taken over (as uncertain, at list price) in the instant between the check and the POST:
         # its final record stands; the id is logged so the user can find this prediction.
@@ -240,6 +263,7 @@ def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[
             if n >= ctx.settings.max_attempts or isinstance(exc, FileNotFoundError):
                 _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} cannot be read: {exc}", reason="input")
                 return NEXT
+            events.retry(rec, "read_input", n, str(exc))
             return backoff(n)
         sha = hashlib.sha256(data).hexdigest()
         verdict, value = ctx.uploads.claim(rec.run_id, sha)
@@ -265,16 +289,19 @@ def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[
         except RateLimited as exc:
             ctx.uploads.release(rec.run_id, sha)
             ctx.limiter.cool_down("upload", exc.retry_after)
+            events.rate_limited(rec, "upload", exc.retry_after)
             return exc.retry_after or 1.0
         except (TransientError, ServiceError) as exc:
             ctx.uploads.release(rec.run_id, sha)
             n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
             if isinstance(exc, TransientError) and n < ctx.settings.max_attempts:
+                events.retry(rec, "upload", n, exc.message)
                 return backoff(n)
             _end(ctx, meta, rec, PENDING, FAILED, error=f"upload of {ref.value} failed: {exc}", reason="upload")
             return NEXT
         ctx.uploads.store(rec.run_id, sha, url)
         ctx.runs.bump(rec.run_id, "uploads")
+        events.uploaded()
         urls.append(url)
     return urls
 
@@ -317,11 +344,13 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
     if later:
         return later
     polls = ctx.runs.count_poll(run_id, rec.id)
+    events.polled()
     elapsed = time.time() - (rec.submitted_at or time.time())
     try:
         pred = ctx.client(meta["api_base"]).get_prediction(rec.prediction_id)
     except RateLimited as exc:
         ctx.limiter.cool_down("poll", exc.retry_after)
+        events.rate_limited(rec, "poll", exc.retry_after)
         return exc.retry_after or 1.0
     except AuthError as exc:
         ctx.control.halt(run_id, "auth")
@@ -331,6 +360,7 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
         return _uncertain(ctx, meta, rec, SUBMITTED, error=exc.message, reason="prediction_lost")
     except ServiceError as exc:
         ctx.runs.bump(run_id, "retries")
+        events.retry(rec, "poll", polls, exc.message)
         if elapsed > ctx.settings.poll_deadline:
             return _uncertain(
                 ctx, meta, rec, SUBMITTED, error=f"no answer before the deadline: {exc.message}", reason="poll_deadline"
@@ -357,10 +387,9 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
             ctx, meta, rec, SUBMITTED, FAILED, error="completed without outputs", reason="no_outputs", cost=price
         )
     ctx.slots.release(f"{run_id}:{rec.id}")
-    ctx.runs.transition(
-        run_id, rec.id, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), price_micros=str(price)
-    )
-    return NEXT
+    _move(ctx, rec, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), price_micros=str(price))
+    # With a fetch queue of its own (hosts near the bucket) the download goes there, now.
+    return 0.0 if meta.get("fetch_queue") and meta["fetch_queue"] != meta.get("queue") else NEXT
 
 
 # -- fetching: stream each output, check it, store it -----------------------------------------
@@ -392,6 +421,7 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
             ctx.runs.bump(run_id, "retries")
             if k >= ctx.settings.max_fetch_attempts:
                 return _output_lost(ctx, meta, rec, f"output {n}: {exc}", "fetch", price, outputs)
+            events.retry(rec, "fetch", k, str(exc))
             return backoff(k, 1.0, 60.0)
         key = f"outputs/{rec.id}/{n}.{info.extension}"
         try:
@@ -408,7 +438,7 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
             )
         except StorageError as exc:
             k = ctx.runs.incr(run_id, rec.id, "store_attempts")
-            log.warning("storing %s failed (%s); try %d", key, exc, k)
+            events.retry(rec, "store_output", k, str(exc))
             return backoff(k, 1.0, 30.0)
         store_output_thumbnail(storage, rec.id, n, data)
         outputs.append(uri)

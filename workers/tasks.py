@@ -13,10 +13,14 @@ import os
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
-from jobs.errors import StateError, StorageError
+from jobs.errors import NotifyError, StateError, StorageError
+from jobs.logs import job_context
+from jobs.records import FETCHING, PENDING
 from jobs.report import write_run_report
 from jobs.thumbs import input_reader
+from workers import notify
 from workers.celery import app
 from workers.context import Context, get_context
 from workers.steps import STALE, advance
@@ -43,49 +47,62 @@ def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore
         # Redis (state and broker) is away: try this message again shortly. If even the retry
         # cannot be published, Celery drops the message; the job is then overdue once its step
         # lease ends and the watchdog (workers/reaper.py) drives it again.
-        log.warning("job %s/%s: %s; retrying", run_id, job_id, exc)
+        log.warning("job %s/%s: %s; retrying", run_id, job_id, exc, extra={"run_id": run_id, "job_id": job_id})
         raise self.retry(countdown=5) from None
     for _ in range(INLINE_JOBS):
         if nxt is None:
             return
-        job_id, token = nxt
+        job_id, token, _state = nxt
         try:
             nxt = _step(ctx, run_id, job_id, token)
         except StateError as exc:
-            log.warning("job %s/%s: %s; giving it a message of its own", run_id, job_id, exc)
-            nxt = (job_id, token)
+            log.warning("job %s/%s: %s; giving it a message of its own", run_id, job_id, exc,
+                        extra={"run_id": run_id, "job_id": job_id})  # fmt: skip
+            nxt = (job_id, token, PENDING)
             break
     if nxt is not None:
         try:
-            publish(run_id, [nxt], queue=ctx.meta(run_id).get("queue") or None, countdown=5.0)
+            publish(run_id, [nxt], ctx.meta(run_id), countdown=5.0)
         except Exception as exc:  # Redis away: the job is due, and the watchdog drives it when overdue
             log.warning("job %s/%s not handed on (%s); the watchdog will", run_id, nxt[0], exc)
 
 
-def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str] | None:
+def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str, str] | None:
     """Drive one job as far as it goes now and hand it its next message; when it ended, the
-    (job, token) of a job let in in its place, for the caller to start."""
-    try:
-        countdown = advance(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
-    except StateError:
-        raise  # the caller knows which message to retry
-    except Exception:
-        log.exception("job %s/%s: unexpected error; retrying", run_id, job_id)
-        n = ctx.runs.incr(run_id, job_id, "crashes")
-        if n > 20:
-            return None
-        countdown = min(60.0, 2.0**n)
-    if countdown == STALE:
-        return None  # another message drives this job
-    if countdown is None:
-        return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
-    new = uuid.uuid4().hex
-    wait = max(0.0, countdown)
-    if ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait):
-        queue = ctx.meta(run_id).get("queue") or None
-        run_job.apply_async((run_id, job_id, new), countdown=wait, queue=queue)
-        ctx.runs.commit_token(run_id, job_id, token, new)
+    (job, token, state) of a job let in in its place, for the caller to start."""
+    with job_context(run_id, job_id):
+        try:
+            countdown = advance(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
+        except StateError:
+            raise  # the caller knows which message to retry
+        except Exception:
+            log.exception("job %s/%s: unexpected error; retrying", run_id, job_id)
+            n = ctx.runs.incr(run_id, job_id, "crashes")
+            if n > 20:
+                return None
+            countdown = min(60.0, 2.0**n)
+        if countdown == STALE:
+            return None  # another message drives this job
+        if countdown is None:
+            return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
+        new = uuid.uuid4().hex
+        wait = max(0.0, countdown)
+        state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
+        if state is not None:
+            queue = queue_for(ctx.meta(run_id), state)
+            run_job.apply_async((run_id, job_id, new), countdown=wait, queue=queue)
+            ctx.runs.commit_token(run_id, job_id, token, new)
+            log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
+                      extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
     return None
+
+
+def queue_for(meta: dict[str, Any], state: str) -> str | None:
+    """Downloads and storage writes go to the run's fetch queue when it has one (hosts near the
+    bucket); everything else to its queue."""
+    if state == FETCHING and meta.get("fetch_queue"):
+        return str(meta["fetch_queue"])
+    return meta.get("queue") or None
 
 
 @app.task(name="seedream.finalize", bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -99,10 +116,41 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
     ctx.uploads.drop(run_id)
     ctx.runs.set_run(run_id, report_written=True)
     ctx.runs.set_active(run_id, False)
-    log.info("run %s finished: %s", run_id, summary["counts"])
+    log.info("run %s finished (%s): %s, $%s", run_id, summary["outcome"], summary["counts"], summary["total_cost_usd"],
+             extra={"run_id": run_id, "event": "run_finished", "status": summary["outcome"],
+                    "cost_usd": summary["total_cost_usd"]})  # fmt: skip
+    if _notify_url(ctx, run_id):
+        notify_run.apply_async((run_id, summary), queue=ctx.meta(run_id).get("queue") or None)
 
 
-def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) -> tuple[str, str] | None:
+def _notify_url(ctx: Context, run_id: str) -> str:
+    """The run's own webhook (run --notify), else this worker's SEEDREAM_NOTIFY_URL."""
+    return str(ctx.meta(run_id).get("notify_url") or os.environ.get("SEEDREAM_NOTIFY_URL") or "")
+
+
+@app.task(name="seedream.notify", bind=True, acks_late=True, ignore_result=True, max_retries=None)
+def notify_run(self, run_id: str, summary: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """POST the summary to the run's webhook, a few times with growing pauses; whatever the
+    webhook does, the run's result stands (the outcome is kept in the run's `notified`)."""
+    ctx = get_context()
+    attempts = max(1, int(os.environ.get("SEEDREAM_NOTIFY_ATTEMPTS") or 5))
+    tried = self.request.retries + 1
+    extra = {"run_id": run_id, "event": "notify", "attempt": tried}
+    try:
+        status = notify.post(_notify_url(ctx, run_id), summary)
+    except NotifyError as exc:
+        if tried < attempts:
+            log.warning("run %s: webhook not told (%s); try %d of %d", run_id, exc, tried, attempts, extra=extra)
+            raise self.retry(countdown=min(60.0, 2.0 ** (tried - 1))) from None
+        log.error("run %s: webhook not told after %d tries (%s); the run is unaffected", run_id, tried, exc,
+                  extra=extra)  # fmt: skip
+        ctx.runs.set_run(run_id, notified=f"failed after {tried} tries: {exc}")
+        return
+    log.info("run %s: webhook told (HTTP %d)", run_id, status, extra=extra)
+    ctx.runs.set_run(run_id, notified=f"ok after {tried} tries")
+
+
+def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) -> tuple[str, str, str] | None:
     """Let waiting jobs of a run in, up to its window (after job `done` ended, and from the
     watchdog), and publish their messages; with `keep_one`, the first is returned instead, for
     the caller to drive itself."""
@@ -110,16 +158,18 @@ def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) 
     window = int(meta.get("window") or ctx.settings.limits.admission_window)
     jobs = ctx.backlog.admit(run_id, window, done=done)
     first = jobs.pop(0) if keep_one and jobs else None
-    publish(run_id, jobs, queue=meta.get("queue") or None)
+    publish(run_id, jobs, meta)
     return first
 
 
-def publish(run_id: str, jobs: Iterable[tuple[str, str]], *, queue: str | None = None, countdown: float = 0.0) -> int:
-    """One message per (job, token), on one producer connection, sent in pipelined batches
-    (kombu's producer batch: one round trip per 500 messages instead of one each)."""
+def publish(run_id: str, jobs: Iterable[tuple[str, str, str]], meta: dict[str, Any], *, countdown: float = 0.0) -> int:
+    """One message per (job, token, state), on the queue for its state, over one producer
+    connection, sent in pipelined batches (kombu's producer batch: one round trip per 500
+    messages instead of one each)."""
     n = 0
     with app.producer_or_acquire() as producer, producer.batch(500):
-        for jid, token in jobs:
+        for jid, token, state in jobs:
+            queue = queue_for(meta, state)
             run_job.apply_async((run_id, jid, token), queue=queue, producer=producer, countdown=countdown or None)
             n += 1
     return n

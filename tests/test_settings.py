@@ -1,0 +1,117 @@
+"""Settings: one table, three ways in (file, environment, flag), one way to see them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.config import AtlasConfig, Limits
+from jobs.errors import ConfigError
+from jobs.settings import BY_NAME, SETTINGS, apply, mask
+from tests.pipeline import EXE
+from workers.context import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SEEDREAM_", "ATLASCLOUD_")) and k != "REDIS_URL"}
+    env.update(extra)
+    return env
+
+
+def config_json(tmp: Path, *args: str, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    argv = [EXE, *args, "config", "--json"]
+    done = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return {row["setting"]: row for row in json.loads(done.stdout)}
+
+
+def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path: Path) -> None:
+    (tmp_path / "seedream-batch.toml").write_text(
+        'submit_rate = 7\nmax_in_flight = 40\nqueue = "from-file"\nlog_format = "json"\n'
+        'notify_url = "https://hooks.example/services/T0/B0/hook-token"\n'
+    )
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-a-file-0123456789\n")
+    env = _env(SEEDREAM_MAX_IN_FLIGHT="50", REDIS_URL="redis://:redis-pass@127.0.0.1:6379/3")
+    got = config_json(tmp_path, "--max-in-flight", "9", "--api-key-file", str(key_file), env=env)
+    assert (got["submit_rate"]["value"], got["submit_rate"]["source"]) == ("7", f"file {Path('seedream-batch.toml')}")
+    assert (got["max_in_flight"]["value"], got["max_in_flight"]["source"]) == ("9", "flag --max-in-flight")
+    assert got["queue"]["value"] == "from-file" and got["poll_rate"] == {**got["poll_rate"], "source": "default"}
+    assert got["redis_url"]["source"] == "env" and got["redis_url"]["value"] == "redis://***@127.0.0.1:6379/3"
+    assert got["api_key"]["value"] == "******** (set)" and got["api_key"]["source"] == "flag --api-key-file"
+    assert got["notify_url"]["value"] == "https://hooks.example/***"
+    shown = json.dumps(got)
+    assert "sk-from-a-file" not in shown and "redis-pass" not in shown and "hook-token" not in shown
+    env_only = config_json(tmp_path, env=env)
+    assert env_only["max_in_flight"]["value"] == "50"  # without the flag, the environment wins over the file
+
+
+def test_the_file_reaches_a_worker_started_by_celery_itself(tmp_path: Path) -> None:
+    """`celery -A workers worker` reads no CLI flags; celeryconfig layers the file in."""
+    (tmp_path / "seedream-batch.toml").write_text('queue = "q-from-file"\nvisibility_timeout = 77\n')
+    code = "import celeryconfig as c; print(c.task_default_queue, c.broker_transport_options['visibility_timeout'])"
+    env = _env(PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["q-from-file", "77"], out.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("submit_rte = 3\n", "unknown setting 'submit_rte' (did you mean 'submit_rate'?)"),
+        ('submit_rate = "fast"\n', "submit_rate must be a float"),
+        ('log_format = "xml"\n', "log_format must be one of text, json"),
+        ("max_in_flight = [1]\n", "max_in_flight must be a int"),
+        ("submit_rate = \n", "seedream-batch.toml"),
+    ],
+)
+def test_a_bad_file_is_refused_with_its_name_and_key(tmp_path: Path, text: str, words: str) -> None:
+    (tmp_path / "seedream-batch.toml").write_text(text)
+    done = subprocess.run([EXE, "config"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and words in done.stderr
+
+
+def test_a_named_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        apply({}, config=str(tmp_path / "nope.toml"))
+
+
+def test_every_setting_is_documented_and_its_default_is_the_one_in_use() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert [s.env for s in SETTINGS if f"`{s.env}`" not in readme] == []
+    limits, atlas, worker = Limits.from_env({}), AtlasConfig.from_env({}), WorkerSettings.from_env({})
+    in_use = {
+        "submit_rate": limits.submit_rate,
+        "submit_burst": limits.submit_burst,
+        "poll_rate": limits.poll_rate,
+        "upload_rate": limits.upload_rate,
+        "max_in_flight": limits.max_in_flight,
+        "rate_headroom": limits.headroom,
+        "window": limits.window,
+        "slot_lease": limits.slot_lease_seconds,
+        "api_base": atlas.api_base,
+        "http_timeout": atlas.timeouts.read,
+        "max_output_mb": atlas.max_output_bytes / 1024 / 1024,
+        "redis_url": worker.redis_url,
+        "prefix": worker.prefix,
+        "poll_deadline": worker.poll_deadline,
+    }
+    for name, value in in_use.items():
+        s = BY_NAME[name]
+        assert s.kind(s.default) == value, name
+
+
+def test_secrets_show_only_that_they_are_set() -> None:
+    assert mask(BY_NAME["api_key"], "sk-abc") == "******** (set)"
+    assert mask(BY_NAME["api_key"], "") == ""
+    assert mask(BY_NAME["redis_url"], "redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert mask(BY_NAME["broker_url"], "redis://user:pw@h:1/2") == "redis://***@h:1/2"
+    assert mask(BY_NAME["notify_url"], "https://h.example/T/B/token") == "https://h.example/***"
+    assert mask(BY_NAME["queue"], "q") == "q"
