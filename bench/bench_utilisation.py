@@ -9,7 +9,8 @@ manifest of N rows (one small PNG each) goes through:
 
 Figures: submit rate over the steady part (middle 80% of submits) / R, 429s, wall time /
 lower bound (N/R + median prediction time), polls per job (minimum 1: one poll after the
-prediction ended), and the lag from a prediction's end to the poll that saw it.
+prediction ended) over all jobs and over the same steady part, and the lag from a
+prediction's end to the poll that saw it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def figures(name: str, sandbox: SandboxProcess, seconds: float, extra: dict[str,
         "wall_s": seconds,
         "wall_over_bound": seconds / (JOBS / RATE + MEDIAN),
         "polls_per_job": t["polls_per_job"],
+        "polls_per_job_steady": t["polls_per_job_steady"],
         "lag_mean_s": t["lag_mean_s"],
         "lag_p90_s": t["lag_p90_s"],
         **extra,

@@ -186,7 +186,8 @@ def timeline(sandbox: SandboxProcess) -> dict[str, Any]:
     """Submit rate over the steady part (middle 80% of submits), polls per job, detection lag."""
     data = sandbox.admin("GET", "timeline")
     rows = [dict(zip(data["columns"], row, strict=True)) for row in data["rows"]]
-    created = sorted(r["created"] for r in rows)
+    rows.sort(key=lambda r: r["created"])
+    created = [r["created"] for r in rows]
     n = len(created)
     lo, hi = int(n * 0.1), int(n * 0.9) - 1
     steady = (hi - lo) / (created[hi] - created[lo]) if n >= 10 and created[hi] > created[lo] else float("nan")
@@ -196,6 +197,9 @@ def timeline(sandbox: SandboxProcess) -> dict[str, Any]:
         "predictions": n,
         "steady_submit_rate": steady,
         "polls_per_job": sum(r["polls"] for r in rows) / n if n else float("nan"),
+        # the same steady part: the jobs submitted before the run's first prediction ended poll
+        # from a default, not from the run's learned times
+        "polls_per_job_steady": statistics.fmean(r["polls"] for r in rows[lo : hi + 1]) if n >= 10 else float("nan"),
         "lag_mean_s": statistics.fmean(lags) if lags else float("nan"),
         "lag_p90_s": lags[int(len(lags) * 0.9)] if lags else float("nan"),
         "median_delay_s": statistics.median(r["delay"] for r in rows) if rows else float("nan"),

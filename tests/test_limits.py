@@ -113,6 +113,18 @@ def test_headroom_spaces_sends_a_little_wider_than_the_rate(rconn: redis.Redis, 
         Limits.from_env({"SEEDREAM_RATE_HEADROOM": "0.9"})
 
 
+def test_pace_spaces_sends_as_they_leave_and_holds_them_in_a_cool_down(rconn: redis.Redis, prefix: str) -> None:
+    """Two sends booked apart but reaching the wire together (the first one late) leave 1/rate
+    apart; after a 429 elsewhere, a send already booked does not leave until the pause ends."""
+    limiter = RateLimiter(rconn, "key", Limits(submit_rate=10, submit_burst=1), prefix=prefix)
+    late, on_time = limiter.pace("submit"), limiter.pace("submit")
+    assert late.go and on_time.go
+    assert late.wait == pytest.approx(0.0, abs=0.01) and on_time.wait == pytest.approx(0.1, abs=0.01)
+    limiter.cool_down("submit", 5.0)
+    held = limiter.pace("submit")
+    assert not held.go and held.wait == pytest.approx(5.0, abs=0.1)
+
+
 # -- budget ----------------------------------------------------------------------------------
 
 

@@ -31,6 +31,18 @@ def test_first_poll_learns_the_runs_typical_time(rconn: redis.Redis, prefix: str
     assert polls.first("other-run", "m") == DEFAULT_FIRST  # per run
 
 
+def test_the_first_time_learned_is_used_at_once_though_reads_are_cached(rconn: redis.Redis, prefix: str) -> None:
+    """Jobs submitted before the first prediction ends poll from a default; once one ends, the
+    next job must not keep that default for a whole cache period (early jobs then poll twice)."""
+    polls = PollTimes(rconn, prefix, refresh=3600)
+    assert polls.first("r", "m") == DEFAULT_FIRST
+    polls.learn("r", "m", 6.0)
+    learned = polls.first("r", "m")
+    assert learned > 6.0
+    polls.learn("r", "m", 60.0)
+    assert polls.first("r", "m") == learned  # a learned time is cached for `refresh`
+
+
 def test_polls_per_job_stay_near_one_for_a_service_like_spread(rconn: redis.Redis, prefix: str) -> None:
     polls = PollTimes(rconn, prefix, refresh=0)
     rng = random.Random(9)

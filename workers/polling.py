@@ -68,6 +68,8 @@ class PollTimes:
         if seen is not None and now - seen[0] < self.refresh:
             return seen[1]
         value = self._read_first(run_id, model)
+        if value is None:  # not cached: the first time learned must reach every job at once
+            return DEFAULT_FIRST
         with self._lock:
             if len(self._seen) > 1000:  # runs end; their entries need not stay
                 self._seen.clear()
@@ -75,10 +77,10 @@ class PollTimes:
         return value
 
     @translated
-    def _read_first(self, run_id: str, model: str) -> float:
+    def _read_first(self, run_id: str, model: str) -> float | None:
         mu, var = self.client.hmget(self._key(run_id, model), "mu", "var")
         if mu is None or var is None:
-            return DEFAULT_FIRST
+            return None
         return clamp(math.exp(float(mu) + FIRST_QUANTILE_Z * math.sqrt(float(var))))
 
     def again(self, elapsed: float) -> float:

@@ -21,11 +21,15 @@ from jobs.redisio import DEFAULT_PREFIX, script, translated
 
 KINDS = ("submit", "poll", "upload")
 
-_ACQUIRE = """
+# Redis time; nothing goes while a 429's cool-down (KEYS[2]) holds
+_NOW_UNLESS_COOLING = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cool > now then return {0, tostring(cool - now)} end
+"""
+
+_ACQUIRE = _NOW_UNLESS_COOLING + """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
@@ -44,6 +48,13 @@ end
 local new_tat = math.max(tat, now) + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now + tolerance) * 1000) + 1000)
 return {1, tostring(wait)}
+"""
+
+_PACE = _NOW_UNLESS_COOLING + """
+local interval = tonumber(ARGV[1])
+local at = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
+redis.call('SET', KEYS[1], tostring(at + interval), 'PX', math.ceil((at + interval - now) * 1000) + 1000)
+return {1, tostring(at - now)}
 """
 
 _COOL = """
@@ -90,6 +101,7 @@ class RateLimiter:
         self.limits = limits
         self.base = f"{prefix}:rate:{key_id}"
         self._acquire = script(client, _ACQUIRE)
+        self._pace = script(client, _PACE)
         self._cool = script(client, _COOL)
         self.backoff = (backoff_initial, backoff_max)
 
@@ -133,6 +145,21 @@ class RateLimiter:
         if not grant.go:
             return max(grant.wait, 0.001), 0.0
         return 0.0, time.monotonic() + grant.wait
+
+    @translated
+    def pace(self, kind: str) -> Grant:
+        """The last check before a call leaves, at the moment it leaves: sends spaced at least
+        1/rate apart as they actually go out, and none while a 429's cool-down holds.
+
+        `book` spaces the planned send times; a thread that reaches its time late (a busy core,
+        a slow storage write) would otherwise go out right beside the next one, on time, and
+        two such pairs within the service's small burst are a 429, which pauses every worker."""
+        rate, _ = self.rate_of(kind)
+        go, wait = self._pace(
+            keys=[f"{self.base}:{kind}:sent", f"{self.base}:{kind}:cool"],
+            args=[repr(1.0 / rate)],
+        )
+        return Grant(go=bool(int(go)), wait=max(0.0, float(wait)))
 
     @translated
     def cool_down(self, kind: str, retry_after: float | None) -> float:

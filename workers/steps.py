@@ -195,6 +195,12 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
     time.sleep(max(0.0, send_at - time.monotonic()))  # the rest of the wait for this send time
+    paced = ctx.limiter.pace("submit")
+    if not paced.go or paced.wait > 2.0:  # a 429 elsewhere since this send was booked: wait it out
+        ctx.runs.incr(run_id, rec.id, "attempts", -1)
+        _move(ctx, rec, SUBMITTING, PENDING)
+        return max(paced.wait, 0.001)
+    time.sleep(paced.wait)  # before the last check, so a cancel in this wait still stops the POST
     mine, halted = ctx.runs.holds(run_id, rec.id, SUBMITTING, rec.token, flag=ctx.control.key(run_id))
     if not mine:
         # Taken over while this worker stood still (frozen, cut off, its message redelivered):
