@@ -1,4 +1,4 @@
-"""`run --no-wait` on 100,000 rows: validate, create records, enqueue one task per row.
+"""`run --no-wait` on 100,000 rows: validate, create a record per row, queue every job.
 
 Baseline in the same run: `validate` on the same manifest (the floor: reading and
 checking every row). Also: Redis memory per enqueued job (its record, and a task message for

@@ -125,6 +125,14 @@ def test_pace_spaces_sends_as_they_leave_and_holds_them_in_a_cool_down(rconn: re
     assert not held.go and held.wait == pytest.approx(5.0, abs=0.1)
 
 
+def test_pace_lets_a_configured_burst_leave_back_to_back(rconn: redis.Redis, prefix: str) -> None:
+    """SEEDREAM_SUBMIT_BURST holds at the wire too: the last check does not space a burst out."""
+    limiter = RateLimiter(rconn, "key", Limits(submit_rate=10, submit_burst=2), prefix=prefix)
+    first, second, third = (limiter.pace("submit") for _ in range(3))
+    assert first.wait == pytest.approx(0.0, abs=0.01) and second.wait == pytest.approx(0.0, abs=0.01)
+    assert third.wait == pytest.approx(0.1, abs=0.01)
+
+
 # -- budget ----------------------------------------------------------------------------------
 
 

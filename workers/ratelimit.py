@@ -52,9 +52,11 @@ return {1, tostring(wait)}
 
 _PACE = _NOW_UNLESS_COOLING + """
 local interval = tonumber(ARGV[1])
-local at = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-redis.call('SET', KEYS[1], tostring(at + interval), 'PX', math.ceil((at + interval - now) * 1000) + 1000)
-return {1, tostring(at - now)}
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+local new_tat = math.max(tat, now) + interval
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
+return {1, tostring(math.max(now, tat - tolerance) - now)}
 """
 
 _COOL = """
@@ -105,6 +107,9 @@ class RateLimiter:
         self._cool = script(client, _COOL)
         self.backoff = (backoff_initial, backoff_max)
 
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.base}:{kind}:{name}"
+
     def rate_of(self, kind: str) -> tuple[float, int]:
         lim = self.limits
         if kind == "submit":
@@ -121,7 +126,7 @@ class RateLimiter:
         interval = 1.0 / self.limits.planned_rate(rate)
         horizon = max(0.05, min(1.0, 4 * interval))
         go, wait = self._acquire(
-            keys=[f"{self.base}:{kind}:tat", f"{self.base}:{kind}:cool", f"{self.base}:{kind}:line"],
+            keys=[self._key(kind, "tat"), self._key(kind, "cool"), self._key(kind, "line")],
             args=[repr(interval), repr((burst - 1) * interval), repr(horizon)],
         )
         return Grant(go=bool(int(go)), wait=max(0.0, float(wait)))
@@ -149,15 +154,16 @@ class RateLimiter:
     @translated
     def pace(self, kind: str) -> Grant:
         """The last check before a call leaves, at the moment it leaves: sends spaced at least
-        1/rate apart as they actually go out, and none while a 429's cool-down holds.
+        1/rate apart as they actually go out (bursts as `book` allows them), and none while a
+        429's cool-down holds.
 
         `book` spaces the planned send times; a thread that reaches its time late (a busy core,
         a slow storage write) would otherwise go out right beside the next one, on time, and
         two such pairs within the service's small burst are a 429, which pauses every worker."""
-        rate, _ = self.rate_of(kind)
+        rate, burst = self.rate_of(kind)
+        interval = 1.0 / rate
         go, wait = self._pace(
-            keys=[f"{self.base}:{kind}:sent", f"{self.base}:{kind}:cool"],
-            args=[repr(1.0 / rate)],
+            keys=[self._key(kind, "sent"), self._key(kind, "cool")], args=[repr(interval), repr((burst - 1) * interval)]
         )
         return Grant(go=bool(int(go)), wait=max(0.0, float(wait)))
 
@@ -166,7 +172,7 @@ class RateLimiter:
         """Pause every worker's calls of this kind: Retry-After when sent, else growing backoff."""
         seconds = -1.0 if retry_after is None else max(0.0, min(600.0, retry_after))
         out = self._cool(
-            keys=[f"{self.base}:{kind}:cool", f"{self.base}:{kind}:strikes"],
+            keys=[self._key(kind, "cool"), self._key(kind, "strikes")],
             args=[repr(seconds), repr(self.backoff[0]), repr(self.backoff[1])],
         )
         return float(out)

@@ -47,6 +47,7 @@ from workers.prediction import State
 
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
+HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
 STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
 
 
@@ -150,6 +151,12 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     return None
 
 
+def _unsent(ctx: Context, rec: JobRecord) -> None:
+    """The submit did not leave: the job waits again, and the attempt does not count."""
+    ctx.runs.incr(rec.run_id, rec.id, "attempts", -1)
+    _move(ctx, rec, SUBMITTING, PENDING)
+
+
 def _write_record(ctx: Context, rec: JobRecord) -> None:
     try:
         ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
@@ -196,9 +203,8 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     client = ctx.client(meta["api_base"])
     time.sleep(max(0.0, send_at - time.monotonic()))  # the rest of the wait for this send time
     paced = ctx.limiter.pace("submit")
-    if not paced.go or paced.wait > 2.0:  # a 429 elsewhere since this send was booked: wait it out
-        ctx.runs.incr(run_id, rec.id, "attempts", -1)
-        _move(ctx, rec, SUBMITTING, PENDING)
+    if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
+        _unsent(ctx, rec)
         return max(paced.wait, 0.001)
     time.sleep(paced.wait)  # before the last check, so a cancel in this wait still stops the POST
     mine, halted = ctx.runs.holds(run_id, rec.id, SUBMITTING, rec.token, flag=ctx.control.key(run_id))
@@ -221,8 +227,7 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         ctx.limiter.cool_down("submit", exc.retry_after)
         events.rate_limited(rec, "submit", exc.retry_after)
         ctx.runs.bump(run_id, "http_429")
-        ctx.runs.incr(run_id, rec.id, "attempts", -1)
-        _move(ctx, rec, SUBMITTING, PENDING)
+        _unsent(ctx, rec)
         return exc.retry_after if exc.retry_after is not None else 1.0
     except PaymentRequired as exc:
         events.submitted(rec, "refused")
