@@ -182,8 +182,38 @@ def run_baseline(
     return dict(result)
 
 
-def timeline(sandbox: SandboxProcess) -> dict[str, Any]:
-    """Submit rate over the steady part (middle 80% of submits), polls per job, detection lag."""
+def as_remote(sandbox: SandboxProcess) -> str:
+    """Run the sandbox ahead of its clients on the CPU (nice -10), as a remote service is: it
+    stamps each submit's arrival for its rate limit, and on two shared, saturated cores a
+    starved sandbox stamps late, then takes a queue of requests back to back: 429s (and near
+    misses) that no client spacing could avoid and that a service on its own machines would not
+    see. On one slow day (2026-11-23): the project's 3 runs of bench_utilisation had 0/1/1 429s
+    without it and 0/0/1 with it; 3 project-only runs each, 1 and 0 429s, 70 and 0 submits
+    within 10 ms of one."""
+    assert sandbox.proc is not None
+    try:
+        os.setpriority(os.PRIO_PROCESS, sandbox.proc.pid, -10)
+    except PermissionError:
+        return "the sandbox shares the CPU evenly with its clients (raising its priority needs root)"
+    return "the sandbox runs at nice -10, ahead of its clients"
+
+
+def margins(created: list[float], rate: float, burst: float) -> list[float]:
+    """For each accepted submit, how much earlier it could have arrived without a 429 from a
+    token bucket of this rate and burst: the closest calls show how near a run came to one."""
+    out: list[float] = []
+    tokens, last = burst, None
+    for t in created:
+        if last is not None:
+            tokens = min(burst, tokens + (t - last) * rate)
+        out.append((tokens - 1.0) / rate)
+        tokens, last = max(0.0, tokens - 1.0), t
+    return out
+
+
+def timeline(sandbox: SandboxProcess, *, rate: float = 0.0, burst: float = 1.0) -> dict[str, Any]:
+    """Submit rate over the steady part (middle 80% of submits), polls per job, detection lag;
+    with the sandbox's `rate` and `burst`, the closest calls to a 429 (see `margins`)."""
     data = sandbox.admin("GET", "timeline")
     rows = [dict(zip(data["columns"], row, strict=True)) for row in data["rows"]]
     rows.sort(key=lambda r: r["created"])
@@ -203,4 +233,10 @@ def timeline(sandbox: SandboxProcess) -> dict[str, Any]:
         "lag_mean_s": statistics.fmean(lags) if lags else float("nan"),
         "lag_p90_s": lags[int(len(lags) * 0.9)] if lags else float("nan"),
         "median_delay_s": statistics.median(r["delay"] for r in rows) if rows else float("nan"),
+        **(_closest_calls(created, rate, burst) if rate > 0 and n else {}),
     }
+
+
+def _closest_calls(created: list[float], rate: float, burst: float) -> dict[str, Any]:
+    m = margins(created, rate, burst)
+    return {"margin_min_ms": 1000 * min(m), "margins_under_10ms": sum(1 for x in m if x < 0.010)}

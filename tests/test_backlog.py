@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from jobs.backlog import Backlog
+from jobs.config import Limits
 from jobs.records import PENDING, SUCCEEDED, RunStore
 from manifests.spec import JobSpec
 from tests.pipeline import Pipeline, catalog, run_id_of
@@ -107,3 +108,12 @@ def test_the_watchdog_drives_jobs_nothing_else_will(pipe: Pipeline, rconn: redis
     acc = pipe.sandbox.accounting()
     assert acc["created"] == 9 and acc["duplicate_fingerprints"] == []
     assert store.counts(run_id).get("redriven", 0) == (3 if lost == "messages" else 0)
+
+
+def test_the_automatic_window_is_the_slots_plus_a_bounded_two_seconds_of_submits() -> None:
+    """A rate set far above what workers can send ("no limit") must not let a whole run in:
+    past its slots, every job let in spins on "no slot yet" and buries the polls that free them."""
+    assert Limits(submit_rate=2.0, max_in_flight=16).admission_window == 16 + 32
+    assert Limits(submit_rate=20.0, max_in_flight=16).admission_window == 16 + 40
+    assert Limits(submit_rate=10_000.0, max_in_flight=1000).admission_window == 1000 + 256
+    assert Limits(submit_rate=10_000.0, max_in_flight=1000, window=5).admission_window == 5

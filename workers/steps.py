@@ -48,6 +48,7 @@ from workers.prediction import State
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
+RECHECK_AFTER = 0.05  # a pace wait longer than this is checked again for a cancel before the POST
 STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
 
 
@@ -157,6 +158,22 @@ def _unsent(ctx: Context, rec: JobRecord) -> None:
     _move(ctx, rec, SUBMITTING, PENDING)
 
 
+def _must_not_send(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    """The last check before a POST: what to return instead if the job is no longer this
+    message's (frozen, cut off, redelivered) or its run was cancelled; None to send."""
+    mine, halted = ctx.runs.holds(rec.run_id, rec.id, SUBMITTING, rec.token, flag=ctx.control.key(rec.run_id))
+    if not mine:
+        # Taken over while this worker stood still: never POST for it, and if the job's final
+        # record reached storage before this worker's `submitting` one, put the final one back.
+        cur = ctx.runs.get(rec.run_id, rec.id)
+        if cur is not None and cur.settled:
+            _write_record(ctx, cur)
+        return STALE
+    if halted:
+        return _end(ctx, meta, rec, SUBMITTING, SKIPPED, reason=halted)
+    return None
+
+
 def _write_record(ctx: Context, rec: JobRecord) -> None:
     try:
         ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
@@ -202,22 +219,20 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
     time.sleep(max(0.0, send_at - time.monotonic()))  # the rest of the wait for this send time
+    stop = _must_not_send(ctx, meta, rec)
+    if stop is not None:
+        return stop
+    # The pace check goes last, nearest the POST: the time between it and the send is the
+    # jitter the service's small burst must absorb.
     paced = ctx.limiter.pace("submit")
     if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
         _unsent(ctx, rec)
         return max(paced.wait, 0.001)
-    time.sleep(paced.wait)  # before the last check, so a cancel in this wait still stops the POST
-    mine, halted = ctx.runs.holds(run_id, rec.id, SUBMITTING, rec.token, flag=ctx.control.key(run_id))
-    if not mine:
-        # Taken over while this worker stood still (frozen, cut off, its message redelivered):
-        # never POST for it, and if the job's final record reached storage before this worker's
-        # `submitting` one, put the final one back.
-        cur = ctx.runs.get(run_id, rec.id)
-        if cur is not None and cur.settled:
-            _write_record(ctx, cur)
-        return STALE
-    if halted:  # a cancel during that wait must still stop this POST
-        return _end(ctx, meta, rec, SUBMITTING, SKIPPED, reason=halted)
+    time.sleep(paced.wait)
+    if paced.wait > RECHECK_AFTER:  # a cancel during a longer wait must still stop the POST
+        stop = _must_not_send(ctx, meta, rec)
+        if stop is not None:
+            return stop
     try:
         sub = client.submit(rec.spec.model, params)
     except OutcomeUnknown as exc:
@@ -387,8 +402,11 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
                 reason="poll_deadline",
                 error=f"still {pred.status or 'running'} after {int(elapsed)} s",
             )
-        return ctx.polls.again(elapsed)
-    ctx.polls.learn(run_id, rec.spec.model, elapsed if pred.predict_time is None else pred.predict_time)
+        if polls == 1:  # each job teaches the run's poll times once, at its first poll
+            ctx.polls.still_running(run_id, rec.spec.model, elapsed)
+        return ctx.polls.again(run_id, rec.spec.model, elapsed)
+    if polls == 1:
+        ctx.polls.learn(run_id, rec.spec.model, elapsed if pred.predict_time is None else pred.predict_time)
     if pred.state is State.FAILED:
         error = pred.error or f"the prediction ended '{pred.status}'"
         return _end(ctx, meta, rec, SUBMITTED, FAILED, error=error, reason=pred.status or "failed")
