@@ -240,4 +240,3 @@ def timeline(sandbox: SandboxProcess, *, rate: float, burst: float) -> dict[str,
         "median_delay_s": statistics.median(r["delay"] for r in rows) if rows else float("nan"),
         **closest_calls(created, rate, burst),
     }
-

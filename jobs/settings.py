@@ -74,6 +74,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("restore_interval", "SEEDREAM_RESTORE_INTERVAL", int, "5", "seconds between the broker's restore sweeps"),
     S("step_lease", "SEEDREAM_STEP_LEASE", float, "180", "seconds one task step may run before a takeover"),
     S("poll_deadline", "SEEDREAM_POLL_DEADLINE", float, "900", "a prediction running longer is uncertain"),
+    S("task_events", "SEEDREAM_TASK_EVENTS", int, "0", "1: workers always send task events (Flower turns them on)"),
     S("liveness", "SEEDREAM_LIVENESS", float, "60", "a worker whose event loop stalls this long exits (0: off)"),
     S("log_format", "SEEDREAM_LOG_FORMAT", str, "text", "log lines as text or JSON objects", choices=("text", "json")),
     S("log_level", "SEEDREAM_LOG_LEVEL", str, "", "DEBUG, INFO, WARNING, ... (default: the command's)"),

@@ -28,18 +28,34 @@ def test_flower_shows_the_workers_and_the_jobs(pipe: Pipeline) -> None:
                 return False
 
         wait_for(up, timeout=60, what="Flower")
-        manifest, _ = catalog(pipe.tmp, pipe.sandbox, 4)
         workers = pipe.start_workers(1, name=f"flowerw-{pipe.prefix}")
-        done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--wait")
-        assert done.returncode == 0, done.stderr
-        run_id = run_id_of(done.stdout)
 
-        def jobs_seen() -> list[dict[str, object]]:
+        def jobs_seen(run_id: str) -> list[dict[str, object]]:
             tasks = httpx.get(f"{api}/tasks", params={"taskname": "seedream.job"}, timeout=5).json()
             return [t for t in tasks.values() if t.get("state") == "SUCCESS" and run_id in str(t.get("args"))]
 
-        seen = wait_for(lambda: len(jobs_seen()) >= 4 and jobs_seen(), timeout=60, what="Flower to see the jobs")
-        assert len(seen) >= 4 and {str(t["worker"]).split("@")[0] for t in seen} == {workers.name + "-0"}
+        def run(n: int, name: str) -> str:
+            (pipe.tmp / name).mkdir()
+            manifest, _ = catalog(pipe.tmp / name, pipe.sandbox, n)
+            done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / name / "out"), "--wait")
+            assert done.returncode == 0, done.stderr
+            return run_id_of(done.stdout)
+
+        # Workers send no task events until Flower turns them on (it asks every 5 s): one-job
+        # runs until Flower has seen a job, then every job of a run is seen.
+        probes: list[str] = []
+
+        def events_on() -> bool:
+            probes.append(run(1, f"probe{len(probes)}"))
+            return any(jobs_seen(r) for r in probes)
+
+        wait_for(events_on, timeout=90, what="Flower to turn task events on")
+        run_id = run(4, "batch")
+        def jobs_of_run() -> set[str]:
+            return {str(t["args"]).split(",")[1].strip(" '\"") for t in jobs_seen(run_id)}
+
+        assert len(wait_for(lambda: len(jobs_of_run()) >= 4 and jobs_of_run(), timeout=60, what="the jobs")) == 4
+        assert {str(t["worker"]).split("@")[0] for t in jobs_seen(run_id)} == {workers.name + "-0"}
     finally:
         flower.send_signal(signal.SIGTERM)
         flower.wait(timeout=30)

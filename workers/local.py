@@ -17,9 +17,9 @@ log = logging.getLogger("seedream.workers")
 def worker_args(
     *, concurrency: int, queue: str, name: str, loglevel: str = "WARNING", quiet: bool = False
 ) -> list[str]:
-    """Celery worker options this project runs with (threads: the stages wait on I/O; events for
-    Flower; `quiet`: no banner, when every line must be JSON; it is Celery's global option, so it
-    comes before the subcommand)."""
+    """Celery worker options this project runs with (threads: the stages wait on I/O; task events
+    are off unless SEEDREAM_TASK_EVENTS=1 or Flower turns them on; `quiet`: no banner, when every
+    line must be JSON; it is Celery's global option, so it comes before the subcommand)."""
     return [
         *(["--quiet"] if quiet else []),
         "worker",
@@ -35,7 +35,6 @@ def worker_args(
         loglevel,
         "--without-gossip",
         "--without-mingle",
-        "-E",
     ]
 
 
