@@ -35,7 +35,7 @@ def _queue() -> str:
 
 def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     """Lets a run's waiting jobs into the task queue, up to its window, from this process."""
-    from jobs.backlog import Backlog
+    from jobs.backlog import Backlog, sizes
     from jobs.records import RunStore
     from jobs.redisio import connect
     from workers.tasks import publish
@@ -45,8 +45,8 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
 
     def admit(run_id: str) -> int:
         meta = store.run_meta(run_id) or {}
-        window = int(meta.get("window") or settings.limits.admission_window)
-        return publish(run_id, backlog.admit(run_id, window), {**meta, "queue": queue})
+        window, ready = sizes(meta, settings.limits)
+        return publish(run_id, backlog.admit(run_id, window, ready=ready), {**meta, "queue": queue})
 
     return admit
 

@@ -105,8 +105,16 @@ class Limits:
         The submits ready to go stop at READY_MAX: a rate set far above what the workers can send
         (10,000/s: "no limit") let a whole 20,000-job run in, and once its slots filled, 19,000
         jobs spinning on them buried the polls that free slots (6.6 jobs/s instead of ~47)."""
-        ready = min(READY_MAX, max(READY_MIN, math.ceil(2 * self.submit_rate)))
-        return self.window or self.max_in_flight + ready
+        return self.window or self.max_in_flight + self.admission_ready
+
+    @property
+    def admission_ready(self) -> int:
+        """Of the window, the jobs let in and not yet submitted. Sized by the slots alone, the
+        window lets in the slots' worth of jobs that wait for their turn to submit whenever the
+        predictions do not fill the slots (at 20/s with 2 s predictions and 256 slots, 230 jobs
+        waiting about 11 s each), and each of them comes back with a message of its own before
+        its turn: 3.5 messages per job where 2.3 do the work."""
+        return min(READY_MAX, max(READY_MIN, math.ceil(2 * self.submit_rate)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Limits:

@@ -28,7 +28,8 @@ _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= ARGV[1] then return state or '' end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_at', ARGV[3])
-for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[7] ~= '' then redis.call('SREM', KEYS[3], ARGV[7]) end
 if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[5], 1) end
 if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[1], ARGV[6], 1) end
 if ARGV[4] == '1' then
@@ -205,6 +206,10 @@ class RunStore:
         """Sorted set: job -> when its next task message should have run (host clock)."""
         return f"{self.prefix}:run:{run_id}:due"
 
+    def ready_key(self, run_id: str) -> str:
+        """Set: jobs let in and not yet submitted (the window's ready part, jobs/backlog.py)."""
+        return f"{self.prefix}:run:{run_id}:ready"
+
     @property
     def active_key(self) -> str:
         return f"{self.prefix}:runs:active"
@@ -345,11 +350,14 @@ class RunStore:
         self, run_id: str, job_id: str, expect: str, to: str, *, bump: str = "", count: str = "", **fields: Any
     ) -> str:
         """'ok' when the job went from `expect` to `to`; otherwise the state it is really in.
-        With the move (and only then) the run's counter `bump` and the job's field `count` go up by one."""
-        args: list[Any] = [expect, to, repr(time.time()), "1" if to in FINAL else "0", bump, count]
+        With the move (and only then) the run's counter `bump` and the job's field `count` go up by
+        one, and a job past its submit leaves the run's ready set."""
+        leaves = "" if to in (PENDING, SUBMITTING) else job_id
+        args: list[Any] = [expect, to, repr(time.time()), "1" if to in FINAL else "0", bump, count, leaves]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
-        return str(self._transition(keys=[self.job_key(run_id, job_id), self.counts_key(run_id)], args=args))
+        keys = [self.job_key(run_id, job_id), self.counts_key(run_id), self.ready_key(run_id)]
+        return str(self._transition(keys=keys, args=args))
 
     @translated
     def update(self, run_id: str, job_id: str, **fields: Any) -> None:

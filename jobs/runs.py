@@ -143,6 +143,7 @@ def start_run(
         "fetch_queue": opts.fetch_queue if opts.fetch_queue != opts.queue else "",
         "notify_url": opts.notify_url,
         "window": settings.limits.admission_window,
+        "ready": settings.limits.admission_ready,
         "s3_endpoint": opts.s3_endpoint,
         "created_at": time.time(),
         "skipped_invalid_rows": result.invalid_rows,

@@ -58,6 +58,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
                 redriven += 1
                 extra = {"run_id": run_id, "job_id": job_id, "event": "redriven", "status": rec.state}
                 log.warning("job %s/%s was overdue (%s); re-driven", run_id, job_id, rec.state, extra=extra)
+            ctx.backlog.prune_ready(run_id)  # a place held by a job past its submit frees
             admit(ctx, run_id)  # a worker that died after a job ended never let the next one in
     finally:
         ctx.redis.delete(lock)

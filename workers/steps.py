@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from jobs.control import PAYMENT
@@ -56,23 +57,37 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     return min(cap, base * 2 ** max(0, attempt - 1)) * (0.5 + random.random() / 2)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """The countdown for the job's next message (see `advance`), and whether this call sent the
+    job's submit: a place in the run's ready part opened, for the caller to let the next job in."""
+
+    countdown: float | None
+    submitted: bool = False
+
+
 def advance(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) -> float | None:
     """Drive the job as far as it goes now; `due_at` is when the watchdog may take it over."""
+    return drive(ctx, run_id, job_id, token, due_at=due_at).countdown
+
+
+def drive(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) -> Outcome:
     rec = ctx.runs.begin(run_id, job_id, token, due_at)
     for _ in range(8):
         if rec is None or rec.token != token:
-            return STALE
+            return Outcome(STALE)
         meta = ctx.meta(run_id)
         if rec.final:
-            return _final(ctx, meta, rec)
-        step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: _submitted, FETCHING: _fetching}[rec.state]
+            return Outcome(_final(ctx, meta, rec))
+        began = rec.state
+        step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: _submitted, FETCHING: _fetching}[began]
         started = time.monotonic()
         wait = step(ctx, meta, rec)
-        STEP_SECONDS.labels(rec.state).observe(time.monotonic() - started)
+        STEP_SECONDS.labels(began).observe(time.monotonic() - started)
         if wait != NEXT:
-            return wait
+            return Outcome(wait, submitted=began == PENDING and rec.state == SUBMITTED)
         rec = ctx.runs.get(run_id, job_id)
-    return 0.0
+    return Outcome(0.0)
 
 
 # -- helpers -------------------------------------------------------------------------------

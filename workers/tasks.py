@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from jobs.backlog import sizes
 from jobs.errors import NotifyError, StateError, StorageError
 from jobs.logs import job_context
 from jobs.records import FETCHING, PENDING
@@ -23,7 +24,7 @@ from jobs.thumbs import input_reader
 from workers import notify
 from workers.celery import app
 from workers.context import Context, get_context
-from workers.steps import STALE, advance
+from workers.steps import STALE, drive
 
 log = logging.getLogger("seedream.tasks")
 # A step (HTTP calls with timeouts, bounded retries) ends well within this; past it, the watchdog
@@ -31,10 +32,10 @@ log = logging.getLogger("seedream.tasks")
 STEP_LEASE = float(os.environ.get("SEEDREAM_STEP_LEASE", "180"))
 
 
-# When a job ends, the message that ended it goes on to start the next job let in, instead of
-# publishing a message for it: one Celery message fewer per job (each costs about 2 ms of
-# worker CPU with events on). Past this many in a row (a run being cancelled skips jobs fast),
-# the next one gets a message of its own.
+# When a job ends or is submitted, the message that did it goes on to start the next job let in,
+# instead of publishing a message for it: one Celery message fewer per job (each costs about
+# 2 ms of worker CPU). Past this many in a row (a run being cancelled skips jobs fast), the next
+# one gets a message of its own.
 INLINE_JOBS = 50
 
 
@@ -68,11 +69,13 @@ def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore
 
 
 def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str, str] | None:
-    """Drive one job as far as it goes now and hand it its next message; when it ended, the
-    (job, token, state) of a job let in in its place, for the caller to start."""
+    """Drive one job as far as it goes now and hand it its next message; when it ended or was
+    just submitted, the (job, token, state) of a job let in after it, for the caller to start."""
     with job_context(run_id, job_id):
+        submitted = False
         try:
-            countdown = advance(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
+            outcome = drive(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
+            countdown, submitted = outcome.countdown, outcome.submitted
         except StateError:
             raise  # the caller knows which message to retry
         except Exception:
@@ -94,6 +97,8 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
             ctx.runs.commit_token(run_id, job_id, token, new)
             log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
                       extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
+    if submitted:  # its place in the ready part is free: the next job goes on in this thread
+        return admit(ctx, run_id, keep_one=True)
     return None
 
 
@@ -155,8 +160,8 @@ def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) 
     watchdog), and publish their messages; with `keep_one`, the first is returned instead, for
     the caller to drive itself."""
     meta = ctx.meta(run_id)
-    window = int(meta.get("window") or ctx.settings.limits.admission_window)
-    jobs = ctx.backlog.admit(run_id, window, done=done)
+    window, ready = sizes(meta, ctx.settings.limits)
+    jobs = ctx.backlog.admit(run_id, window, done=done, ready=ready)
     first = jobs.pop(0) if keep_one and jobs else None
     publish(run_id, jobs, meta)
     return first
