@@ -70,6 +70,7 @@ def main() -> None:
                             "cpu_ms_per_job": 1000 * (got["cpu_workers_s"] + got["cpu_redis_s"]) / JOBS,
                             "of_which_redis_ms": 1000 * got["cpu_redis_s"] / JOBS,
                             "redis_commands_per_job": got["redis_commands"] / JOBS,
+                            "task_messages_per_job": got["task_messages"] / JOBS,
                             "cli_enqueue_ms_per_job": 1000 * got["cpu_cli_s"] / JOBS,
                             "report_ms_per_job": 1000 * got["cpu_report_s"] / JOBS,
                             "sandbox_ms_per_job": 1000 * (proc_cpu(sb.proc.pid) - sandbox_cpu0) / JOBS,

@@ -66,7 +66,8 @@ def main() -> None:
                 sb.reset(**settings)
                 got = project.run(manifest, Path(tmp) / f"out-project-{rep}")
                 cpu = got["cpu_workers_s"] + got["cpu_redis_s"]
-                runs.append(figures("project (2 workers)", sb, got["seconds"], {"cpu_ms_per_job": 1000 * cpu / JOBS}))
+                extra = {"cpu_ms_per_job": 1000 * cpu / JOBS, "task_messages_per_job": got["task_messages"] / JOBS}
+                runs.append(figures("project (2 workers)", sb, got["seconds"], extra))
                 for concurrency in (32, 128):
                     sb.reset(**settings)
                     out = Path(tmp) / f"out-base-{concurrency}-{rep}"

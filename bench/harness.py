@@ -66,6 +66,12 @@ def children_cpu() -> float:
     return u.ru_utime + u.ru_stime
 
 
+def task_messages(r: redis.Redis) -> int:
+    """Celery task messages published so far (kombu's Redis transport sends each with one LPUSH;
+    nothing else here uses LPUSH)."""
+    return int(r.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+
+
 def redis_cpu(r: redis.Redis) -> float:
     info = r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
@@ -126,7 +132,7 @@ class Project:
         runs = Runs(WorkerSettings.from_env(self.env))
         cpu0 = {pid: proc_cpu(pid) for pid in self.pids()}
         rcpu0, mem0, cli0 = redis_cpu(r), int(r.info("memory")["used_memory"]), children_cpu()
-        cmds0 = int(r.info("stats")["total_commands_processed"])
+        cmds0, msgs0 = int(r.info("stats")["total_commands_processed"]), task_messages(r)
         t0 = time.monotonic()
         started = subprocess.run(
             [EXE, "run", str(manifest), "--output", str(out), "--no-wait"], env=self.env, capture_output=True, text=True
@@ -154,6 +160,7 @@ class Project:
             "cpu_workers_s": worker_cpu,
             "cpu_redis_s": redis_cpu(r) - rcpu0,
             "redis_commands": int(r.info("stats")["total_commands_processed"]) - cmds0,
+            "task_messages": task_messages(r) - msgs0,
             "cpu_cli_s": cli_cpu,
             "redis_bytes": int(r.info("memory")["used_memory"]) - mem0,
             "rss_mb_at": rss,
