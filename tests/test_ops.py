@@ -24,6 +24,7 @@ from sandbox.server import free_port
 from tests.conftest import API_KEY
 from tests.helpers import wait_for
 from tests.pipeline import EXE, Pipeline, catalog, run_id_of
+from workers.local import JEMALLOC
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -104,6 +105,29 @@ def test_the_systemd_unit_runs_the_same_worker() -> None:
     check = subprocess.run([EXE, *argv[1:], "--help"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "--role [all|control|fetch]" in check.stdout
     assert "Restart=always" in unit and "KillSignal=SIGTERM" in unit
+
+
+@pytest.mark.parametrize("allocator", ["jemalloc", "glibc"])
+def test_local_workers_run_on_jemalloc_when_the_system_has_it(pipe: Pipeline, allocator: str) -> None:
+    """Under glibc's malloc a worker's RSS creeps up with every job; under jemalloc it stays flat
+    (docs/BENCHMARKS.md). On Debian, redis-server brings libjemalloc2 with it; where no jemalloc
+    is installed, the worker runs on glibc's malloc."""
+    pipe.extra_env["SEEDREAM_ALLOCATOR"] = allocator
+    workers = pipe.start_workers(1, concurrency=1)
+
+    proc = Path(f"/proc/{workers.procs[0].pid}")
+
+    def imported() -> str:  # the worker's own imports are in: the loader is long done
+        if b"celery" not in (proc / "cmdline").read_bytes():
+            return ""
+        maps = (proc / "maps").read_text()
+        return maps if "hiredis" in maps else ""
+
+    maps = wait_for(imported, timeout=60, what="the worker to import its modules")
+    installed = next((lib for lib in JEMALLOC if os.path.exists(lib)), None)
+    assert ("libjemalloc" in maps) == (allocator == "jemalloc" and installed is not None)
+    unit = (DEPLOY / "seedream-worker@.service").read_text()
+    assert any(f"Environment=LD_PRELOAD={lib}" in unit for lib in JEMALLOC)
 
 
 def scrape(port: int) -> dict[str, float]:
