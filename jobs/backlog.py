@@ -60,9 +60,9 @@ end
 return out
 """
 
-# Members of the ready set no longer waiting to submit: a worker that died between the move and
-# its message, or a state changed by hand. The watchdog drops them so the ready part never shrinks
-# for good.
+# Members of the ready set no longer waiting to submit. `RunStore.transition` takes a job out in
+# the same script that moves it, so only a state set some other way (by hand, a future bug) leaves
+# one behind; the watchdog drops them so the ready part never shrinks for good.
 _PRUNE = """
 local n = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do

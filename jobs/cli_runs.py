@@ -347,8 +347,9 @@ def worker_command(
     log_format: str | None,
     metrics_port: int | None,
 ) -> None:
-    """Run a Celery worker for seedream jobs (thread pool, events on for Flower). SIGTERM is a
-    warm stop: running steps finish, nothing waiting is lost."""
+    """Run a Celery worker for seedream jobs (thread pool; task events while Flower watches).
+    SIGTERM is a warm stop: running steps finish, nothing waiting is lost. Start it with jemalloc
+    preloaded (LD_PRELOAD, docs/DEPLOY.md), or its memory creeps up with every job."""
     if log_format is not None:
         os.environ["SEEDREAM_LOG_FORMAT"] = log_format
     if metrics_port is not None:

@@ -111,9 +111,9 @@ class Limits:
     def admission_ready(self) -> int:
         """Of the window, the jobs let in and not yet submitted. Sized by the slots alone, the
         window lets in the slots' worth of jobs that wait for their turn to submit whenever the
-        predictions do not fill the slots (at 20/s with 2 s predictions and 256 slots, 230 jobs
-        waiting about 11 s each), and each of them comes back with a message of its own before
-        its turn: 3.5 messages per job where 2.3 do the work."""
+        predictions do not fill the slots (at 20/s with 2 s predictions and 256 slots, by
+        arithmetic some 230 jobs queued up to 11 s ahead of their turn), and each of them comes
+        back with a message of its own before its turn: 3.5 messages per job where 2.3 do the work."""
         return min(READY_MAX, max(READY_MIN, math.ceil(2 * self.submit_rate)))
 
     @classmethod

@@ -51,6 +51,7 @@ def test_flower_shows_the_workers_and_the_jobs(pipe: Pipeline) -> None:
 
         wait_for(events_on, timeout=90, what="Flower to turn task events on")
         run_id = run(4, "batch")
+
         def jobs_of_run() -> set[str]:
             return {str(t["args"]).split(",")[1].strip(" '\"") for t in jobs_seen(run_id)}
 

@@ -50,9 +50,9 @@ JEMALLOC = (
 
 def with_allocator(env: Mapping[str, str]) -> dict[str, str]:
     """The environment for a worker process, with jemalloc preloaded when the system has it and
-    SEEDREAM_ALLOCATOR is not `glibc`. Under glibc's malloc a worker's RSS creeps up by about
-    0.4 KB per job and is not given back (its 8 threads fragment their arenas); under jemalloc
-    it stays flat (docs/BENCHMARKS.md)."""
+    SEEDREAM_ALLOCATOR is not `glibc`. Under glibc's malloc two workers' RSS together creeps
+    up by about 0.4 KB per job they run and is not given back (their threads fragment glibc's
+    arenas); under jemalloc it stays flat (docs/BENCHMARKS.md)."""
     out = dict(env)
     if out.get("SEEDREAM_ALLOCATOR", "jemalloc") == "glibc":
         return out
