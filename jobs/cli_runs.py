@@ -55,9 +55,12 @@ def _line(p: Progress) -> str:
     c = p.counts
     eta = f", ETA {format_duration(p.eta)}" if p.eta is not None and not p.done else ""
     halted = f" [halted: {p.halted}]" if p.halted else ""
+    if p.budget_stopped:
+        halted += f" [budget stopped: {p.budget_stopped}]"
+    overdue = f", {c.get('overdue', 0):,} overdue (`reconcile` polls them again)" if c.get("overdue") else ""
     return (
         f"{p.finished:,}/{p.total:,} done: {c.get('succeeded', 0):,} ok, {c.get('failed', 0):,} failed, "
-        f"{c.get('skipped', 0):,} skipped, {c.get('uncertain', 0):,} uncertain; "
+        f"{c.get('skipped', 0):,} skipped, {c.get('uncertain', 0):,} uncertain{overdue}; "
         f"${micros_to_usd(p.cost_micros)} spent; {p.rate:.2f} jobs/s{eta}{halted}"
     )
 
@@ -261,12 +264,17 @@ def cancel_command(run_id: str) -> None:
 
 @click.command("retry-failed")
 @click.argument("run_id")
-def retry_failed_command(run_id: str) -> None:
-    """Run the failed jobs of RUN_ID again (a paid result is fetched again, not resubmitted)."""
+@click.option("--pay-again", is_flag=True, help="Also resubmit jobs the service billed without giving outputs.")
+def retry_failed_command(run_id: str, pay_again: bool) -> None:
+    """Run the failed jobs of RUN_ID again. A paid result is fetched again, not resubmitted; a job
+    billed without outputs is resubmitted (and paid for again) only with --pay-again."""
     runs = _runs()
     with _click_errors():
-        n = runs.retry_failed(run_id, _admitter(runs.settings, runs.meta(run_id).get("queue") or _queue()))
+        admit = _admitter(runs.settings, runs.meta(run_id).get("queue") or _queue())
+        n, held = runs.retry_failed(run_id, admit, pay_again=pay_again)
     click.echo(f"run {run_id}: {n} failed jobs enqueued again")
+    if held:
+        click.echo(f"{held} failed jobs were billed by the service; --pay-again resubmits them (and pays again)")
 
 
 @click.command("resume")
@@ -279,13 +287,35 @@ def retry_failed_command(run_id: str) -> None:
     help="The manifest, if it moved since the run started (its digest must match).",
 )
 @click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
-def resume_command(run_id: str, output: str | None, manifest: Path | None, s3_endpoint: str | None) -> None:
-    """Continue RUN_ID from Redis, or from its durable records alone; nothing is resubmitted."""
+@click.option("--force", is_flag=True, help="Resume even though workers seem to drive the run still.")
+@click.option(
+    "--clear-halt", is_flag=True, help="After a top-up or a new key: lift the halt and run the jobs it skipped."
+)
+def resume_command(
+    run_id: str, output: str | None, manifest: Path | None, s3_endpoint: str | None, force: bool, clear_halt: bool
+) -> None:
+    """Continue RUN_ID from Redis, or from its durable records alone; nothing is resubmitted.
+    Jobs that hold a prediction id without a verdict (overdue) are polled again."""
     runs = _runs()
     with _click_errors():
         admit = _admitter(runs.settings, _queue())
-        source, n = runs.resume(run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint)
-    click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
+        source, n = runs.resume(run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint, force=force)
+        click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
+        if clear_halt:
+            lifted, again = runs.clear_halt(run_id, admit)
+            what = "; ".join(lifted) if lifted else "no halt was set"
+            click.echo(f"run {run_id}: halt lifted ({what}); {again} skipped jobs enqueued again")
+
+
+@click.command("reconcile")
+@click.argument("run_id")
+def reconcile_command(run_id: str) -> None:
+    """Poll again every job of RUN_ID that holds a prediction id without a verdict (overdue), so
+    workers fetch and store what arrived and settle its real cost once."""
+    runs = _runs()
+    with _click_errors():
+        n = runs.reconcile(run_id, _admitter(runs.settings, runs.meta(run_id).get("queue") or _queue()))
+    click.echo(f"run {run_id}: {n} jobs with a prediction id and no verdict are polled again")
 
 
 def _seconds(text: str) -> int:
@@ -374,6 +404,7 @@ COMMANDS = [
     cancel_command,
     retry_failed_command,
     resume_command,
+    reconcile_command,
     report_command,
     worker_command,
 ]

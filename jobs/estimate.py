@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from jobs.budget import worst_case
 from jobs.models import ModelTable, micros_to_usd
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
@@ -73,12 +74,13 @@ def estimate(
     est = Estimate(rate=rate)
     for job in jobs:
         spec = table.models[job.model]
+        most = worst_case(spec.price_micros, job.params)  # what the job reserves: every image it may yield
         row = est.by_model.setdefault(job.model, {"jobs": 0, "price_micros": spec.price_micros, "cost_micros": 0})
         row["jobs"] += 1
-        row["cost_micros"] += spec.price_micros
+        row["cost_micros"] += most
         est.jobs += 1
-        est.total_micros += spec.price_micros
-        est.prices.append(spec.price_micros)
+        est.total_micros += most
+        est.prices.append(most)
     return est.with_budget(budget_micros)
 
 

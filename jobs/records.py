@@ -1,9 +1,14 @@
 """Job and run records in Redis: the state machine's memory, changed only by atomic transitions.
 
 A job moves `pending → submitting → submitted → fetching → succeeded`, or ends
-`failed`, `skipped` or `uncertain`. A transition happens only from the state the
-caller expects (Lua), and reaching a final state bumps the run's counters exactly
-once, so a redelivered task can never count or bill a job twice.
+`failed`, `skipped`, `uncertain` or `overdue`. A transition happens only from the
+state the caller expects (Lua), and reaching a final state bumps the run's counters
+exactly once, so a redelivered task can never count or bill a job twice.
+
+`uncertain` means exactly: the POST left (`posted_at` was set by the message that held
+the job's token) and no answer proves what happened. `overdue` is a job that holds a
+prediction id but has no verdict yet (a poll deadline, or the service lost it): the run
+ends with it counted at its reservation, and `resume`/`reconcile` poll it again.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from manifests.spec import ImageRef, JobSpec
 
 PENDING, SUBMITTING, SUBMITTED, FETCHING = "pending", "submitting", "submitted", "fetching"
 SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = "succeeded", "failed", "skipped", "uncertain"
-FINAL = (SUCCEEDED, FAILED, SKIPPED, UNCERTAIN)
+OVERDUE = "overdue"
+FINAL = (SUCCEEDED, FAILED, SKIPPED, UNCERTAIN, OVERDUE)
 STATES = (PENDING, SUBMITTING, SUBMITTED, FETCHING, *FINAL)
 
 _TRANSITION = """
@@ -41,15 +47,59 @@ end
 return 'ok'
 """
 
+# A final job taken back. With ARGV[4] == '1' (an attempt that was paid, and is paid again) its
+# cost stays in the run's total and moves to the job's earlier attempts.
 _REOPEN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'token', ARGV[3], 'next_token', '', 'error', '', 'reason', '')
+redis.call('HDEL', KEYS[1], 'posted_at', 'wake_at', 'finished_at')
 redis.call('HINCRBY', KEYS[2], ARGV[1], -1)
 redis.call('HINCRBY', KEYS[2], 'finished', -1)
 local cost = math.floor(tonumber(redis.call('HGET', KEYS[1], 'cost_micros') or '0'))
-if cost > 0 then redis.call('HINCRBY', KEYS[2], 'cost_micros', -cost) end
+if ARGV[4] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'prior_cost_micros', cost)
+elseif cost > 0 then
+  redis.call('HINCRBY', KEYS[2], 'cost_micros', -cost)
+end
 redis.call('HSET', KEYS[1], 'cost_micros', '0')
+return 1
+"""
+
+# The claim before a POST: only the message holding the job's token may take it.
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'pending' then return state or '' end
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'stale' end
+redis.call('HSET', KEYS[1], 'state', 'submitting', 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'posted_at')
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return 'ok'
+"""
+
+# The last check before a POST, and the mark that it leaves: the job is still claimed by this
+# message's token, its run is not halted and its budget not stopped. Once `posted_at` is set the
+# job is never handed back.
+_POST = """
+local got = redis.call('HMGET', KEYS[1], 'state', 'token')
+if got[1] ~= 'submitting' or got[2] ~= ARGV[1] then return 'lost' end
+local halt = redis.call('GET', KEYS[2])
+if halt then return 'halted:' .. halt end
+local stopped = redis.call('HGET', KEYS[3], 'stopped')
+if stopped then return 'budget:' .. stopped end
+redis.call('HSET', KEYS[1], 'posted_at', ARGV[2])
+return 'ok'
+"""
+
+# A claimed submit that never left goes back to pending. A POST that left is handed back only
+# when the service's answer proved nothing was created (ARGV[2] == '1'); with ARGV[3] == '1' the
+# attempt does not count.
+_HAND_BACK = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'submitting' then return 0 end
+if ARGV[2] ~= '1' and redis.call('HEXISTS', KEYS[1], 'posted_at') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'pending', 'updated_at', ARGV[1])
+redis.call('HDEL', KEYS[1], 'posted_at')
+if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
 return 1
 """
 
@@ -105,10 +155,32 @@ class JobRecord:
     finished_at: float | None = None
     created_at: float | None = None
     record_written: bool = False  # the final durable record is in storage
+    charge: int = 1  # the ledger attempt: a retry that may be billed again is a new one
+    prior_cost_micros: int = 0  # what earlier paid attempts cost (in the run's total already)
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' endings, oldest first
+    posted_at: float | None = None  # the POST of this attempt left (or was about to) at this time
+    wake_at: float | None = None  # a wait longer than the broker holds: the job sleeps until then
 
     @property
     def final(self) -> bool:
         return self.state in FINAL
+
+    @property
+    def total_cost_micros(self) -> int:
+        """Every paid attempt of this job, summed: what the report shows."""
+        return self.cost_micros + self.prior_cost_micros
+
+    def ending(self) -> dict[str, Any]:
+        """How this attempt ended, kept in `history` when the job runs again."""
+        return {
+            "attempt": self.charge,
+            "state": self.state,
+            "reason": self.reason,
+            "error": self.error[:300],
+            "prediction_id": self.prediction_id,
+            "cost_micros": self.cost_micros,
+            "finished_at": self.finished_at,
+        }
 
     @property
     def settled(self) -> bool:
@@ -133,12 +205,16 @@ class JobRecord:
             "outputs": self.outputs,
             "price_micros": self.price_micros,
             "cost_micros": self.cost_micros,
+            "prior_cost_micros": self.prior_cost_micros,
+            "charge": self.charge,
+            "history": self.history,
             "attempts": self.attempts,
             "polls": self.polls,
             "error": self.error,
             "reason": self.reason,
             "created_at": self.created_at,
             "submitted_at": self.submitted_at,
+            "posted_at": self.posted_at,
             "finished_at": self.finished_at,
         }
 
@@ -184,6 +260,9 @@ class RunStore:
         self._announce = script(client, _ANNOUNCE)
         self._begin = script(client, _BEGIN)
         self._commit = script(client, _COMMIT)
+        self._claim = script(client, _CLAIM)
+        self._post = script(client, _POST)
+        self._hand_back = script(client, _HAND_BACK)
 
     # -- keys --------------------------------------------------------------------------------
     def run_key(self, run_id: str) -> str:
@@ -428,15 +507,34 @@ class RunStore:
         self._commit(keys=[self.job_key(run_id, job_id)], args=[old, new])
 
     @translated
-    def reopen(self, run_id: str, job_id: str, from_state: str, to_state: str, token: str) -> bool:
-        """Take a final job back (retry-failed), undoing its counters."""
-        return bool(
-            int(
-                self._reopen(
-                    keys=[self.job_key(run_id, job_id), self.counts_key(run_id)], args=[from_state, to_state, token]
-                )
-            )
-        )
+    def reopen(
+        self, run_id: str, job_id: str, from_state: str, to_state: str, token: str, *, paid_again: bool = False
+    ) -> bool:
+        """Take a final job back (retry-failed, resume, reconcile), undoing its counters; with
+        `paid_again` its cost stays counted, as an earlier attempt's."""
+        keys = [self.job_key(run_id, job_id), self.counts_key(run_id)]
+        return bool(int(self._reopen(keys=keys, args=[from_state, to_state, token, "1" if paid_again else "0"])))
+
+    @translated
+    def claim(self, run_id: str, job_id: str, token: str) -> str:
+        """'ok' when this message (holding `token`) took the pending job for its submit; 'stale'
+        when another message drives it; otherwise the state it is in."""
+        return str(self._claim(keys=[self.job_key(run_id, job_id)], args=[token, repr(time.time())]))
+
+    @translated
+    def mark_posted(self, run_id: str, job_id: str, token: str, halt_key: str, budget_key: str) -> str:
+        """'ok': the POST may leave now (and the job is marked as sent); 'lost': the job is no
+        longer this message's; 'halted:<reason>': the run stopped its submits; 'budget:<why>':
+        its budget stopped them."""
+        keys = [self.job_key(run_id, job_id), halt_key, budget_key]
+        return str(self._post(keys=keys, args=[token, repr(time.time())]))
+
+    @translated
+    def hand_back(self, run_id: str, job_id: str, *, refused: bool = False, uncount: bool = True) -> bool:
+        """A claimed submit that never left is pending again; False if it left (or was not claimed).
+        `refused`: the POST left but the service's answer proves nothing was created."""
+        args = [repr(time.time()), "1" if refused else "0", "1" if uncount else "0"]
+        return bool(int(self._hand_back(keys=[self.job_key(run_id, job_id)], args=args)))
 
 
 def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
@@ -471,6 +569,11 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
         error=raw.get("error", ""),
         reason=raw.get("reason", ""),
         record_written=raw.get("record_written") == "1",
+        charge=int(raw.get("charge") or 1),
+        prior_cost_micros=int(raw.get("prior_cost_micros") or 0),
+        history=js("history", []),
+        posted_at=num("posted_at"),
+        wake_at=num("wake_at"),
         submitted_at=num("submitted_at"),
         finished_at=num("finished_at"),
         created_at=num("created_at"),

@@ -26,7 +26,7 @@ ReadInput = Callable[[str, str, str | None], bytes | None]
 
 PRESIGNED_PAGE = "report-presigned.html"
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # what S3's signature (SigV4) allows
-COLUMNS = ["id", "status", "model", "prompt", "prediction_id", "outputs", "cost_usd", "attempts", "error"]
+COLUMNS = ["id", "status", "model", "prompt", "prediction_id", "outputs", "cost_usd", "attempts", "error", "history"]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -35,11 +35,29 @@ def cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
+def total_cost(d: dict[str, Any]) -> int:
+    """Every paid attempt of a job: the current one and those run before it (`retry-failed
+    --pay-again`, `resume --clear-halt`)."""
+    return int(d.get("cost_micros") or 0) + int(d.get("prior_cost_micros") or 0)
+
+
+def history_text(d: dict[str, Any]) -> str:
+    """Earlier attempts, oldest first: 'attempt 1: failed (no_outputs) $0.027 pred-1; ...'."""
+    parts = []
+    for h in d.get("history") or []:
+        if not isinstance(h, dict):
+            continue
+        pid = f" {h['prediction_id']}" if h.get("prediction_id") else ""
+        cost = micros_to_usd(int(h.get("cost_micros") or 0))
+        parts.append(f"attempt {h.get('attempt')}: {h.get('state')} ({h.get('reason') or '-'}) ${cost}{pid}")
+    return "; ".join(parts)
+
+
 def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list[str]:
     d = rec.to_json() if isinstance(rec, JobRecord) else rec
-    cost = d.get("cost_micros") or 0
+    cost = total_cost(d)
     error = d.get("error") or ""
-    if d.get("reason") and d["state"] in ("skipped", "uncertain", "failed") and d["reason"] not in error:
+    if d.get("reason") and d["state"] in ("skipped", "uncertain", "failed", "overdue") and d["reason"] not in error:
         error = f"{d['reason']}: {error}" if error else d["reason"]
     values = [
         d["id"],
@@ -51,6 +69,7 @@ def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list
         micros_to_usd(int(cost)),
         d.get("attempts") or 0,
         error,
+        history_text(d),
     ]
     meta = d.get("metadata") or {}
     values += [meta.get(c, "") for c in metadata_columns]
@@ -64,7 +83,7 @@ def write_report(
     *,
     now: float | None = None,
     read_input: ReadInput | None = None,
-    budget: dict[str, str] | None = None,
+    budget: dict[str, str | None] | None = None,
     presign_seconds: int | None = None,
 ) -> dict[str, Any]:
     """Write report.csv, the gallery (report.html with its thumbnails) and summary.json; return the
@@ -76,7 +95,7 @@ def write_report(
     writer.writerow(COLUMNS + metadata_columns)
     counts: Counter[str] = Counter()
     cost_by_model: Counter[str] = Counter()
-    total_cost = 0
+    total_micros = 0
     views: list[dict[str, Any]] = []
     reasons: Counter[str] = Counter()
     for rec in records:
@@ -90,8 +109,8 @@ def write_report(
         counts[d["state"]] += 1
         if d["state"] != "succeeded":
             reasons[f"{d['state']}:{d.get('reason') or 'unknown'}"] += 1
-        cost = int(d.get("cost_micros") or 0)
-        total_cost += cost
+        cost = total_cost(d)
+        total_micros += cost
         cost_by_model[d["model"]] += cost
     storage.put_bytes("report.csv", buf.getvalue().encode("utf-8"), "text/csv; charset=utf-8")
     now = time.time() if now is None else now
@@ -104,8 +123,8 @@ def write_report(
         "outcome": outcome(counts, reasons),
         "reasons": dict(sorted(reasons.items())),
         "finished": finished,
-        "total_cost_usd": micros_to_usd(total_cost),
-        "total_cost_micros": total_cost,
+        "total_cost_usd": micros_to_usd(total_micros),
+        "total_cost_micros": total_micros,
         "cost_by_model_usd": {m: micros_to_usd(c) for m, c in sorted(cost_by_model.items())},
         "budget_scope": meta.get("budget_scope"),
         "wall_seconds": round(now - started, 3),
@@ -197,8 +216,13 @@ def write_run_report(
     meta["run_id"] = run_id
     state = Budget(store.client, str(meta.get("budget_scope") or run_id), prefix=store.prefix).state()
     budget = None
-    if state.cap_micros is not None:
-        budget = {"cap_usd": micros_to_usd(state.cap_micros), "spent_usd": micros_to_usd(state.spent_micros)}
+    if state.cap_micros is not None or state.stopped:
+        budget = {
+            "cap_usd": None if state.cap_micros is None else micros_to_usd(state.cap_micros),
+            "spent_usd": micros_to_usd(state.spent_micros),
+        }
+        if state.stopped:
+            budget["stopped"] = state.stopped
     return write_report(
         storage, store.iter_records(run_id), meta, read_input=read_input, budget=budget, presign_seconds=presign_seconds
     )

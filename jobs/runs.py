@@ -17,13 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from jobs.backlog import Backlog
-from jobs.budget import Budget
-from jobs.control import CANCELLED, RunControl
+from jobs.budget import Budget, ledger_key, worst_case
+from jobs.control import CANCELLED, PAYMENT, RunControl
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import Estimate, scan
 from jobs.models import ModelTable
 from jobs.preflight import Verdict, account_balance, check
-from jobs.records import FAILED, FETCHING, FINAL, PENDING, SUBMITTED, RunStore
+from jobs.records import (
+    FAILED,
+    FETCHING,
+    FINAL,
+    OVERDUE,
+    PENDING,
+    SKIPPED,
+    SUBMITTED,
+    SUCCEEDED,
+    UNCERTAIN,
+    JobRecord,
+    RunStore,
+)
 from jobs.report import write_report, write_run_report
 from jobs.storage import Storage, open_storage
 from jobs.thumbs import input_reader
@@ -181,6 +193,7 @@ class Progress:
     budget_spent: int
     report_written: bool = False
     notified: str | None = None
+    budget_stopped: str | None = None
 
     @property
     def finished(self) -> int:
@@ -216,6 +229,7 @@ class Progress:
             "jobs_per_second": round(self.rate, 3),
             "eta_seconds": None if self.eta is None else round(self.eta, 1),
             "halted": self.halted,
+            "budget_stopped": self.budget_stopped,
             "budget_cap_usd": None if self.budget_cap is None else micros_to_usd(self.budget_cap),
             "budget_spent_usd": micros_to_usd(self.budget_spent),
             "retries": self.counts.get("retries", 0),
@@ -260,6 +274,7 @@ class Runs:
             budget_spent=budget.spent_micros,
             report_written=bool(meta.get("report_written")),
             notified=meta.get("notified") or None,
+            budget_stopped=budget.stopped,
         )
 
     def storage(self, run_id: str) -> Storage:
@@ -314,28 +329,89 @@ class Runs:
         self.meta(run_id)
         return self.control.halt(run_id, CANCELLED)
 
-    def retry_failed(self, run_id: str, admit: Callable[[str], int]) -> int:
-        """Run failed jobs again; one whose prediction was paid is fetched again, not resubmitted."""
+    def retry_failed(self, run_id: str, admit: Callable[[str], int], *, pay_again: bool = False) -> tuple[int, int]:
+        """Run failed jobs again: one whose outputs were paid for is fetched again, not resubmitted;
+        one whose attempt was billed without outputs is resubmitted only with `pay_again` (a new
+        ledger attempt: both costs count). Returns (jobs enqueued, billed jobs held back)."""
         self.meta(run_id)
         again: list[str] = []
+        held = 0
         token = secrets.token_hex(8)
         for rec in list(self.store.iter_records(run_id)):
             if rec.state != FAILED:
                 continue
-            jid = rec.id
-            target = FETCHING if rec.service_outputs else PENDING
-            if self.store.reopen(run_id, jid, FAILED, target, token):
-                if target == PENDING:
-                    self.store.update(run_id, jid, input_urls=[], prediction_id="", record_written="0")
-                else:
-                    self.store.update(run_id, jid, record_written="0")
-                again.append(jid)
-        if again:
+            if rec.service_outputs:
+                if self.store.reopen(run_id, rec.id, FAILED, FETCHING, token):
+                    self.store.update(run_id, rec.id, record_written="0")
+                    again.append(rec.id)
+            elif rec.cost_micros and not pay_again:
+                held += 1
+            elif self._new_attempt(run_id, rec, token):
+                again.append(rec.id)
+        self._enqueue_again(run_id, again, admit)
+        return len(again), held
+
+    def _new_attempt(self, run_id: str, rec: JobRecord, token: str) -> bool:
+        """A final job submitted afresh: a new ledger attempt; a paid one's cost stays counted."""
+        if not self.store.reopen(run_id, rec.id, rec.state, PENDING, token, paid_again=bool(rec.cost_micros)):
+            return False
+        self.store.update(
+            run_id,
+            rec.id,
+            input_urls=[],
+            prediction_id="",
+            service_outputs=[],
+            outputs=[],
+            record_written="0",
+            charge=str(rec.charge + 1),
+            history=[*rec.history, rec.ending()],
+        )
+        return True
+
+    def _enqueue_again(self, run_id: str, ids: list[str], admit: Callable[[str], int]) -> None:
+        if ids:
             self.store.set_active(run_id, True)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
-            self.backlog.push(run_id, again)
+            self.backlog.push(run_id, ids)
             admit(run_id)
+
+    def clear_halt(self, run_id: str, admit: Callable[[str], int]) -> tuple[list[str], int]:
+        """Lift the run's halt (payment, key, cancel) and its budget's stop, and run the jobs they
+        skipped again, each as a new attempt. Returns (the reasons lifted, jobs enqueued)."""
+        meta = self.meta(run_id)
+        lifted = [r for r in [self.control.halted(run_id)] if r]
+        self.control.resume(run_id)
+        stopped = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix).clear_stop()
+        if stopped:
+            lifted.append(stopped)
+        token = secrets.token_hex(8)
+        again: list[str] = []
+        for rec in list(self.store.iter_records(run_id)):
+            stop = rec.reason in (PAYMENT, "auth", CANCELLED) or (rec.reason == "budget" and rec.error != "")
+            halted = rec.state == SKIPPED and stop
+            if (halted or (rec.state == FAILED and rec.reason == "auth")) and self._new_attempt(run_id, rec, token):
+                again.append(rec.id)
+        self._enqueue_again(run_id, again, admit)
+        return lifted, len(again)
+
+    def reconcile(self, run_id: str, admit: Callable[[str], int]) -> int:
+        """Poll again every job that holds a prediction id without a verdict (`overdue`, or an
+        `uncertain` one whose id turned up); workers fetch what arrived and settle it once."""
+        self.meta(run_id)
+        token = secrets.token_hex(8)
+        again = [rec.id for rec in list(self.store.iter_records(run_id)) if self._reopen_awaiting(run_id, rec, token)]
+        self._enqueue_again(run_id, again, admit)
         return len(again)
+
+    def _reopen_awaiting(self, run_id: str, rec: JobRecord, token: str) -> bool:
+        if rec.state not in (OVERDUE, UNCERTAIN) or not rec.prediction_id:
+            return False
+        if not self.store.reopen(run_id, rec.id, rec.state, SUBMITTED, token):
+            return False
+        scope = self.meta(run_id)["budget_scope"]
+        Budget(self.redis, scope, prefix=self.settings.prefix).unsettle(ledger_key(run_id, rec.id, rec.charge))
+        self.store.update(run_id, rec.id, submitted_at=repr(time.time()), record_written="0")
+        return True
 
     def resume(
         self,
@@ -345,14 +421,32 @@ class Runs:
         *,
         manifest: Path | None = None,
         s3_endpoint: str | None = None,
+        force: bool = False,
     ) -> tuple[str, int]:
-        """Continue a run: from Redis when it still knows it, else from storage alone."""
-        token = secrets.token_hex(8)
-        meta = self.store.run_meta(run_id)
-        if meta is not None:
+        """Continue a run: from Redis when it still knows it, else from storage alone. One resume
+        of a run at a time; a run that workers still drive is refused unless `force`."""
+        lock = f"{self.settings.prefix}:run:{run_id}:resuming"
+        mine = secrets.token_hex(8)
+        if not self.redis.set(lock, mine, nx=True, ex=600):
+            raise ConfigError(f"run {run_id} is being resumed by another command; wait for it to finish")
+        try:
+            token = secrets.token_hex(8)
+            meta = self.store.run_meta(run_id)
+            if meta is None:
+                if output is None:
+                    raise ConfigError("Redis does not know this run: pass --output to read it from storage")
+                return "storage", self._resume_from_storage(run_id, output, token, admit, manifest, s3_endpoint)
+            driven = self.driven(run_id)
+            if driven and not force:
+                raise ConfigError(
+                    f"run {run_id} is still driven by workers ({driven} jobs have a step under way or a "
+                    "message due); `watch` it, or pass --force if those workers are gone"
+                )
             ids = []
             for rec in list(self.store.iter_records(run_id)):
-                if not rec.settled:
+                if self._reopen_awaiting(run_id, rec, token):
+                    ids.append(rec.id)
+                elif not rec.settled:
                     self.store.update(run_id, rec.id, token=token, next_token="")
                     ids.append(rec.id)
             self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
@@ -361,9 +455,18 @@ class Runs:
             self.backlog.push(run_id, ids)
             admit(run_id)
             return "redis", len(ids)
-        if output is None:
-            raise ConfigError("Redis does not know this run: pass --output to read it from storage")
-        return "storage", self._resume_from_storage(run_id, output, token, admit, manifest, s3_endpoint)
+        finally:
+            if self.redis.get(lock) == mine:
+                self.redis.delete(lock)
+
+    def driven(self, run_id: str) -> int:
+        """How many unfinished jobs of the run have a message due or a step under way (a job's due
+        time is moved ahead each time a message takes it or is scheduled for it)."""
+        ids = [str(x) for x in self.redis.zrangebyscore(self.store.due_key(run_id), time.time(), "+inf")]
+        n = 0
+        for start in range(0, len(ids), 500):
+            n += sum(1 for r in self.store.get_many(run_id, ids[start : start + 500]) if r and not r.final)
+        return n
 
     def _resume_from_storage(
         self,
@@ -386,7 +489,8 @@ class Runs:
         meta = {k: v for k, v in saved.items() if k not in ("limits", "estimate", "budget_cap_micros")}
         meta["output"] = output
         meta["s3_endpoint"] = s3_endpoint or saved.get("s3_endpoint")
-        self.store.create_run(run_id, meta)
+        if not self.store.create_run(run_id, meta):
+            raise ConfigError(f"run {run_id} is known to Redis again; resume it without --output")
         budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix)
         if saved.get("budget_cap_micros") is not None and budget.state().cap_micros is None:
             budget.set_cap(int(saved["budget_cap_micros"]))
@@ -401,6 +505,11 @@ class Runs:
                     todo.append(jid)
                     continue
                 cost = int(rec.get("cost_micros") or 0)
+                charge = int(rec.get("charge") or 1)
+                history = rec.get("history") or []
+                for old in history:  # earlier paid attempts count in the budget as they did
+                    if isinstance(old, dict) and int(old.get("cost_micros") or 0):
+                        budget.settle(ledger_key(run_id, jid, int(old.get("attempt") or 0)), int(old["cost_micros"]))
                 fields = {
                     "prediction_id": rec.get("prediction_id") or "",
                     "outputs": rec.get("outputs") or [],
@@ -409,16 +518,27 @@ class Runs:
                     "reason": rec.get("reason") or "",
                     "attempts": int(rec.get("attempts") or 0),
                     "cost_micros": cost,
+                    "prior_cost_micros": int(rec.get("prior_cost_micros") or 0),
+                    "charge": str(charge),
+                    "history": history,
                     "record_written": "1",
                 }
-                if rec.get("state") in FINAL:
+                entry = ledger_key(run_id, jid, charge)
+                state = rec.get("state")
+                if rec.get("prediction_id") and state not in (SUCCEEDED, FAILED, SKIPPED):
+                    # a prediction without a verdict (in flight, overdue): polled again, never resubmitted
+                    self.store.update(run_id, jid, **{**fields, "cost_micros": 0, "record_written": "0"})
+                    self.store.transition(run_id, jid, PENDING, SUBMITTED, submitted_at=repr(time.time()))
+                    budget.reserve(entry, worst_case(int(meta["prices"][spec.model]), spec.params))
+                    todo.append(jid)
+                elif state in FINAL:
                     self.store.update(run_id, jid, **fields)
-                    self.store.transition(run_id, jid, PENDING, rec["state"])
+                    self.store.transition(run_id, jid, PENDING, state)
                     if cost:
-                        budget.settle(jid, cost)
-                elif rec.get("state") == "submitting" and not rec.get("prediction_id"):
-                    # claimed before Redis was lost: the POST may have gone out; never resubmit
-                    price = int(meta["prices"][spec.model])
+                        budget.settle(entry, cost)
+                elif state == "submitting":
+                    # stored as sent only once its POST was leaving: it may exist; never resubmit
+                    price = worst_case(int(meta["prices"][spec.model]), spec.params)
                     self.store.update(
                         run_id,
                         jid,
@@ -430,15 +550,12 @@ class Runs:
                             "error": "Redis lost the run during this job's submit",
                         },
                     )
-                    self.store.transition(run_id, jid, PENDING, "uncertain")
-                    budget.settle(jid, price)
+                    self.store.transition(run_id, jid, PENDING, UNCERTAIN)
+                    budget.settle(entry, price)
                     todo.append(jid)
-                elif rec.get("prediction_id"):
-                    self.store.update(run_id, jid, **{**fields, "record_written": "0"})
-                    self.store.transition(run_id, jid, PENDING, SUBMITTED, submitted_at=repr(time.time()))
-                    budget.reserve(jid, int(meta["prices"][spec.model]))
-                    todo.append(jid)
-                else:
+                else:  # never sent (pending, or a claim handed back): it runs as a new attempt
+                    self.store.update(run_id, jid, charge=str(charge), history=history,
+                                      prior_cost_micros=fields["prior_cost_micros"])  # fmt: skip
                     todo.append(jid)
             batch.clear()
 

@@ -73,7 +73,20 @@ SETTINGS: tuple[Setting, ...] = (
     S("visibility_timeout", "SEEDREAM_VISIBILITY_TIMEOUT", int, "300", "seconds before a lost worker's tasks return"),
     S("restore_interval", "SEEDREAM_RESTORE_INTERVAL", int, "5", "seconds between the broker's restore sweeps"),
     S("step_lease", "SEEDREAM_STEP_LEASE", float, "180", "seconds one task step may run before a takeover"),
-    S("poll_deadline", "SEEDREAM_POLL_DEADLINE", float, "900", "a prediction running longer is uncertain"),
+    S(
+        "poll_deadline",
+        "SEEDREAM_POLL_DEADLINE",
+        float,
+        "900",
+        "a prediction running longer is overdue (polled again by resume)",
+    ),
+    S(
+        "warmup_grace",
+        "SEEDREAM_WARMUP_GRACE",
+        float,
+        "30",
+        "seconds after a submit when a 400/404 poll means still starting",
+    ),
     S(
         "allocator",
         "SEEDREAM_ALLOCATOR",

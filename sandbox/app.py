@@ -103,6 +103,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
         service.counts[f"created_from:{request.client.host if request.client else '?'}"] += 1
         if service.chance(service.settings.faults.drop_submit):
             service.counts["dropped_submit_answers"] += 1
+            service.unanswered.add(pred.id)
             return DropAfterHeaders()  # type: ignore[return-value]
         return _envelope(service, {"id": pred.id, "status": "created", "model": pred.model.id})
 

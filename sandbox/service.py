@@ -115,6 +115,8 @@ class Service:
         self.frozen_micros: collections.Counter[str] = collections.Counter()
         self.counts: collections.Counter[str] = collections.Counter()
         self.by_fingerprint: collections.Counter[str] = collections.Counter()
+        self.prompts_posted: collections.Counter[str] = collections.Counter()
+        self.unanswered: set[str] = set()  # predictions created whose submit answer was dropped
         self.uploads_by_sha: collections.Counter[str] = collections.Counter()
         self.peak_submit_rate = 0
         self.peak_in_flight = 0
@@ -155,6 +157,8 @@ class Service:
 
     def submit(self, key: str, body: Any) -> SandboxPrediction:
         self.counts["submit_calls"] += 1
+        if isinstance(body, dict):  # every POST that arrived, whatever its answer (the chaos invariants)
+            self.prompts_posted[str(body.get("prompt"))] += 1
         self.inject_call_faults("submit")
         s = self.settings
         if s.submit_rate > 0:
@@ -223,7 +227,7 @@ class Service:
                 outcome = name
                 break
             roll -= rate
-        n = int(params.get("max_images", 1))
+        n = 0 if f.no_outputs and rng.random() < f.no_outputs else int(params.get("max_images", 1))
         out_faults: list[str | None] = []
         for _ in range(n):
             fault = None
@@ -381,6 +385,9 @@ class Service:
             "not_billed": self.counts["not_billed"],
             "by_status": dict(collections.Counter(p.status for p in self.predictions.values())),
             "submissions_by_fingerprint": dict(self.by_fingerprint),
+            "prompts_posted": dict(self.prompts_posted),
+            "prediction_ids": sorted(self.predictions),
+            "answered_prediction_ids": sorted(set(self.predictions) - self.unanswered),
             "duplicate_fingerprints": sorted(fp for fp, n in self.by_fingerprint.items() if n > 1),
             "uploads": self.counts["uploads"],
             "uploads_by_sha": dict(self.uploads_by_sha),

@@ -32,6 +32,7 @@ class Faults:
     bare_shape: float = 0.0  # an answer comes without the {code, message, data} envelope
     succeeded_spelling: float = 0.0  # a finished prediction says `succeeded`, not `completed`
     omit_price: float = 0.0  # a finished prediction carries no `price` field
+    no_outputs: float = 0.0  # a prediction completes, is billed, and lists no outputs
 
 
 @dataclass

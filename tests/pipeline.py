@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.runs import Runs
+from jobs.runs import RunOptions, Runs, start_run
 from sandbox.server import SandboxProcess
 from tests.conftest import API_KEY, make_client
 from tests.helpers import image_bytes, wait_for
@@ -142,3 +142,23 @@ def catalog(tmp: Path, sandbox: SandboxProcess, n: int) -> tuple[Path, int]:
             }
         )
     return write_manifest(tmp, rows), distinct_local
+
+
+def one_job(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp: Path, *, image: str = "a.png", **env: str
+) -> tuple[WorkerSettings, str, Path]:
+    """A run of one row, started without workers: tests drive its job step by step."""
+    (tmp / "a.png").write_bytes(image_bytes())
+    manifest = write_manifest(tmp, [{"id": "sku-1", "prompt": "white marble", "images": [image]}])
+    settings = WorkerSettings.from_env(
+        {"REDIS_URL": redis_url, "SEEDREAM_PREFIX": prefix, "ATLASCLOUD_API_KEY": API_KEY,
+         "ATLASCLOUD_API_BASE": sandbox.api_base, "SEEDREAM_SUBMIT_RATE": "50", **env}
+    )  # fmt: skip
+    out = tmp / "out"
+    opts = RunOptions(manifest=manifest, output=str(out), api_base=sandbox.api_base, check_balance=False)
+    started = start_run(opts, settings, lambda run_id: 0)
+    return settings, started.run_id, out / started.run_id
+
+
+def stored_record(folder: Path) -> dict[str, Any]:
+    return dict(json.loads((folder / "records" / "sku-1.json").read_text()))

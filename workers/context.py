@@ -36,6 +36,15 @@ class WorkerSettings:
     max_attempts: int = 8  # transient failures before submit or a step gives up
     max_fetch_attempts: int = 40  # a paid output is fetched patiently
     max_store_attempts: int = 400  # storage down for a while must not lose a paid result
+    warmup_grace: float = 30.0  # a 400/404 this soon after a submit is the service warming up
+    visibility_timeout: float = 300.0  # the broker redelivers a message held longer than this
+    id_hold: float = 20.0  # how long a worker retries Redis to record a prediction id only it holds
+
+    @property
+    def longest_countdown(self) -> float:
+        """No message waits longer than this: past the visibility timeout the broker would deliver
+        a second copy of it while the first still waits. Longer waits are taken in hops."""
+        return max(1.0, self.visibility_timeout / 2)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
@@ -47,6 +56,8 @@ class WorkerSettings:
             limits=Limits.from_env(env),
             s3_endpoint=env.get("AWS_ENDPOINT_URL") or None,
             poll_deadline=float(env.get("SEEDREAM_POLL_DEADLINE", "900")),
+            warmup_grace=float(env.get("SEEDREAM_WARMUP_GRACE", "30")),
+            visibility_timeout=float(env.get("SEEDREAM_VISIBILITY_TIMEOUT", "300")),
         )
 
 

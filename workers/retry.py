@@ -37,6 +37,12 @@ class Backoff:
         return wait
 
 
+def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """A task's countdown after its `attempt`-th failure (no thread sleeps it): doubling from
+    `base` up to `cap`, half of it drawn at random so retries of many jobs spread out."""
+    return Backoff(initial=base, maximum=cap, jitter=0.5).delay(attempt)
+
+
 def call_with_retry(
     fn: Callable[[], T],
     policy: Backoff,

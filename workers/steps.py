@@ -1,21 +1,23 @@
 """The job state machine: each call reads the job's state and does the next step.
 
 A redelivered or duplicated task message continues where the last one stopped:
-the submit is claimed atomically before the POST, the prediction id is stored
-before anything else, and every final transition (and its cost) happens once.
-`advance` returns the countdown for the next message, None when the job is done, or STALE
-when this message no longer drives the job.
+the submit is claimed atomically, by the message holding the job's token, once its
+send time has come; the claim is marked as sent only at the last check before the
+POST, so a claim that never left goes back to pending (never `uncertain`); the
+prediction id is made durable before anything else; and every final transition (and
+its cost, on the ledger entry of the job's attempt) happens once. `advance` returns
+the countdown for the next message, None when the job is done, or STALE when this
+message no longer drives the job.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.budget import ledger_key, worst_case
 from jobs.control import PAYMENT
 from jobs.errors import (
     AuthError,
@@ -25,6 +27,7 @@ from jobs.errors import (
     PaymentRequired,
     RateLimited,
     ServiceError,
+    StateError,
     StorageError,
     TransientError,
 )
@@ -32,6 +35,7 @@ from jobs.images import NotAnImage, inspect
 from jobs.records import (
     FAILED,
     FETCHING,
+    OVERDUE,
     PENDING,
     SKIPPED,
     SUBMITTED,
@@ -43,18 +47,15 @@ from jobs.records import (
 from jobs.thumbs import store_output_thumbnail
 from workers import events
 from workers.context import Context
+from workers.inputs import InputFailed, prepare_inputs
 from workers.metrics import STEP_SECONDS
 from workers.prediction import State
+from workers.retry import backoff
 
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
-RECHECK_AFTER = 0.05  # a pace wait longer than this is checked again for a cancel before the POST
 STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
-
-
-def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
-    return min(cap, base * 2 ** max(0, attempt - 1)) * (0.5 + random.random() / 2)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def drive(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) 
         meta = ctx.meta(run_id)
         if rec.final:
             return Outcome(_final(ctx, meta, rec))
+        asleep = (rec.wake_at or 0.0) - time.time()
+        if asleep > 0.05:  # a wait longer than one message may hold: another hop
+            return Outcome(asleep)
         began = rec.state
         step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: _submitted, FETCHING: _fetching}[began]
         started = time.monotonic()
@@ -95,6 +99,22 @@ def drive(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) 
 
 def _list_price(meta: dict[str, Any], rec: JobRecord) -> int:
     return int(meta["prices"][rec.spec.model])
+
+
+def reservation(meta: dict[str, Any], rec: JobRecord) -> int:
+    return worst_case(_list_price(meta, rec), rec.spec.params)
+
+
+def entry(rec: JobRecord) -> str:
+    """The job's current ledger entry."""
+    return ledger_key(rec.run_id, rec.id, rec.charge)
+
+
+def send_settle(ctx: Context) -> float:
+    """How long after its POST left a job found `submitting` may still be getting its answer
+    recorded by the worker that sent it: the POST's own time-outs and the in-process retries."""
+    t = ctx.settings.atlas.timeouts
+    return t.connect + t.write + t.read + ctx.settings.id_hold + 5.0
 
 
 def _move(ctx: Context, rec: JobRecord, expect: str, to: str, **fields: Any) -> str:
@@ -127,9 +147,9 @@ def _end(
     """Move to a final state once; settle or release the budget and the slot to match."""
     budget = ctx.budget(meta["budget_scope"])
     if cost:
-        budget.settle(rec.id, cost)
+        budget.settle(entry(rec), cost)
     else:
-        budget.release(rec.id)
+        budget.release(entry(rec))
     if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
         ctx.slots.release(f"{rec.run_id}:{rec.id}")
     _move(
@@ -147,8 +167,15 @@ def _end(
 
 
 def _uncertain(ctx: Context, meta: dict[str, Any], rec: JobRecord, expect: str, **why: str) -> float:
-    """The outcome is unknown: it may have been billed, so it is counted at list price, never resubmitted."""
-    return _end(ctx, meta, rec, expect, UNCERTAIN, cost=_list_price(meta, rec), **why)
+    """The POST left and nothing proves what happened: it may have been billed, so it is counted
+    at its reservation, never resubmitted."""
+    return _end(ctx, meta, rec, expect, UNCERTAIN, cost=reservation(meta, rec), **why)
+
+
+def _overdue(ctx: Context, meta: dict[str, Any], rec: JobRecord, **why: str) -> float:
+    """A prediction with an id and no verdict yet: the run ends with it counted at its reservation;
+    `resume` and `reconcile` poll it again and settle its real cost."""
+    return _end(ctx, meta, rec, SUBMITTED, OVERDUE, cost=reservation(meta, rec), **why)
 
 
 def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
@@ -167,36 +194,32 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     return None
 
 
-def _unsent(ctx: Context, rec: JobRecord) -> None:
-    """The submit did not leave: the job waits again, and the attempt does not count."""
-    ctx.runs.incr(rec.run_id, rec.id, "attempts", -1)
-    _move(ctx, rec, SUBMITTING, PENDING)
+def _unsent(ctx: Context, rec: JobRecord, *, refused: bool = False, uncount: bool = True) -> bool:
+    """The submit did not leave (or the service refused it): the job is pending again, in Redis
+    and then, if its record was stored as sent, in its durable record, so neither the watchdog
+    nor a resume from storage takes it for a sent one. False when it had left and `refused`
+    does not say otherwise."""
+    if not ctx.runs.hand_back(rec.run_id, rec.id, refused=refused, uncount=uncount):
+        return False
+    rec.state, rec.posted_at = PENDING, None
+    if refused:
+        _write_record(ctx, rec, tries=3)
+    return True
 
 
-def _must_not_send(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
-    """The last check before a POST: what to return instead if the job is no longer this
-    message's (frozen, cut off, redelivered) or its run was cancelled; None to send."""
-    mine, halted = ctx.runs.holds(rec.run_id, rec.id, SUBMITTING, rec.token, flag=ctx.control.key(rec.run_id))
-    if not mine:
-        # Taken over while this worker stood still: never POST for it, and if the job's final
-        # record reached storage before this worker's `submitting` one, put the final one back.
-        cur = ctx.runs.get(rec.run_id, rec.id)
-        if cur is not None and cur.settled:
-            _write_record(ctx, cur)
-        return STALE
-    if halted:
-        return _end(ctx, meta, rec, SUBMITTING, SKIPPED, reason=halted)
-    return None
+def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
+    for n in range(tries):
+        try:
+            ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
+            return True
+        except StorageError as exc:  # written again when the job ends
+            log.warning("record of %s not stored (%s)", rec.id, exc)
+            if n + 1 < tries:
+                time.sleep(min(2.0, 0.2 * 2**n))
+    return False
 
 
-def _write_record(ctx: Context, rec: JobRecord) -> None:
-    try:
-        ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
-    except StorageError as exc:  # written again when the job ends
-        log.warning("record of %s not stored at submit (%s)", rec.id, exc)
-
-
-# -- pending: prepare, reserve, take a slot and a token, claim, POST once --------------------
+# -- pending: prepare, reserve, take a slot and a send time, claim, POST once ---------------
 
 
 def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
@@ -205,49 +228,64 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     if halted:
         return _end(ctx, meta, rec, PENDING, SKIPPED, reason=halted)
     if not rec.input_urls:
-        urls = _prepare_inputs(ctx, meta, rec)
+        urls = prepare_inputs(ctx, meta, rec)
+        if isinstance(urls, InputFailed):
+            return _end(ctx, meta, rec, PENDING, FAILED, error=urls.error, reason=urls.reason)
         if isinstance(urls, float):
             return urls
         ctx.runs.update(run_id, rec.id, input_urls=urls)
         rec.input_urls = urls
-    if not ctx.budget(meta["budget_scope"]).reserve(rec.id, _list_price(meta, rec)):
-        return _end(ctx, meta, rec, PENDING, SKIPPED, reason="budget")
+    budget = ctx.budget(meta["budget_scope"])
+    if not budget.reserve(entry(rec), reservation(meta, rec)):
+        return _end(ctx, meta, rec, PENDING, SKIPPED, reason="budget", error=budget.state().stopped or "")
     wait = ctx.slots.acquire(key)
     if wait > 0:
         return min(wait, 2.0)
     later, send_at = ctx.limiter.book("submit")
     if later:
         return later
-    attempts = rec.attempts + 1  # this message alone drives the job
-    if _move(ctx, rec, PENDING, SUBMITTING, count="attempts") != "ok":
+    # The wait for the send time comes before the claim: a worker killed in it leaves the job pending.
+    time.sleep(max(0.0, send_at - time.monotonic()))
+    claimed = ctx.runs.claim(run_id, rec.id, rec.token)
+    if claimed == "stale":
+        return STALE
+    if claimed != "ok":
         return NEXT
-    rec.state = SUBMITTING
-    try:  # durable before the POST: a run resumed from storage never resubmits this job
-        ctx.storage(run_id).put_json(f"records/{rec.id}.json", rec.to_json())
-    except StorageError as exc:
-        _move(ctx, rec, SUBMITTING, PENDING, error=str(exc))
-        n = ctx.runs.incr(run_id, rec.id, "store_attempts")
-        events.retry(rec, "store_record", n, str(exc))
-        return backoff(n, 1.0, 30.0)
+    events.moved(rec, PENDING, SUBMITTING)
+    rec.state, rec.attempts = SUBMITTING, rec.attempts + 1
     params: dict[str, Any] = {"prompt": rec.spec.prompt, "images": rec.input_urls, **rec.spec.params}
     if rec.spec.size:
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
-    time.sleep(max(0.0, send_at - time.monotonic()))  # the rest of the wait for this send time
-    stop = _must_not_send(ctx, meta, rec)
-    if stop is not None:
-        return stop
-    # The pace check goes last, nearest the POST: the time between it and the send is the
-    # jitter the service's small burst must absorb.
+    # Pacing goes next to the POST: the time between it and the send is the jitter the
+    # service's small burst must absorb.
     paced = ctx.limiter.pace("submit")
     if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
         _unsent(ctx, rec)
         return max(paced.wait, 0.001)
     time.sleep(paced.wait)
-    if paced.wait > RECHECK_AFTER:  # a cancel during a longer wait must still stop the POST
-        stop = _must_not_send(ctx, meta, rec)
-        if stop is not None:
-            return stop
+    verdict = ctx.runs.mark_posted(run_id, rec.id, rec.token, ctx.control.key(run_id), budget.keys[0])
+    if verdict == "lost":
+        # Taken over while this worker stood still: never POST for it, and if the job ended
+        # meanwhile, make sure its final record is the one in storage.
+        cur = ctx.runs.get(run_id, rec.id)
+        if cur is not None and cur.settled:
+            _write_record(ctx, cur)
+        return STALE
+    if verdict != "ok":
+        _unsent(ctx, rec)
+        kind, _, why = verdict.partition(":")
+        if kind == "budget":
+            return _end(ctx, meta, rec, PENDING, SKIPPED, reason="budget", error=why)
+        return _end(ctx, meta, rec, PENDING, SKIPPED, reason=why)
+    rec.posted_at = time.time()
+    # Durable before the POST, and only once it is sure to leave: a run resumed from storage
+    # never resubmits a job whose record says `submitting`, and never finds one that did not go.
+    if not _write_record(ctx, rec):
+        _unsent(ctx, rec, refused=True)
+        n = ctx.runs.incr(run_id, rec.id, "store_attempts")
+        events.retry(rec, "store_record", n, "the record could not be stored before the submit")
+        return backoff(n, 1.0, 30.0)
     try:
         sub = client.submit(rec.spec.model, params)
     except OutcomeUnknown as exc:
@@ -257,7 +295,7 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         ctx.limiter.cool_down("submit", exc.retry_after)
         events.rate_limited(rec, "submit", exc.retry_after)
         ctx.runs.bump(run_id, "http_429")
-        _unsent(ctx, rec)
+        _unsent(ctx, rec, refused=True)
         return exc.retry_after if exc.retry_after is not None else 1.0
     except PaymentRequired as exc:
         events.submitted(rec, "refused")
@@ -271,108 +309,101 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         events.submitted(rec, "refused")
         return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
     except TransientError as exc:  # never left this machine: nothing was created
-        _move(ctx, rec, SUBMITTING, PENDING, error=exc.message)
+        _unsent(ctx, rec, refused=True, uncount=False)
+        ctx.runs.update(run_id, rec.id, error=exc.message)
         ctx.runs.bump(run_id, "retries")
-        events.retry(rec, "submit", attempts, exc.message)
-        if attempts >= ctx.settings.max_attempts:
+        events.retry(rec, "submit", rec.attempts, exc.message)
+        if rec.attempts >= ctx.settings.max_attempts:
             return _end(ctx, meta, rec, PENDING, FAILED, error=exc.message, reason="unreachable")
-        return backoff(attempts)
-    now = time.time()
+        return backoff(rec.attempts)
     events.submitted(rec, "accepted", sub.id)
-    moved = _move(ctx, rec, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=sub.id, submitted_at=repr(now))
-    if moved != "ok":
-        # Taken over (as uncertain, at list price) in the instant between the check and the POST:
-        # its final record stands; the id is logged so the user can find this prediction.
-        log.warning("job %s/%s ended %s while its submit was sent; prediction %s", run_id, rec.id, moved, sub.id)
+    return _hold_id(ctx, meta, rec, sub.id, time.time())
+
+
+def _hold_id(ctx: Context, meta: dict[str, Any], rec: JobRecord, prediction_id: str, now: float) -> float | None:
+    """The POST answered with an id: make it durable before anything else can fail, first in the
+    job's record in storage, then in Redis (retried here for a while: this frame may be the only
+    place the id exists). Until Redis has it the job stays `submitting` with its POST marked sent,
+    and a message that finds it so reads the id back from storage (`_submitting`)."""
+    rec.prediction_id, rec.submitted_at, rec.state = prediction_id, now, SUBMITTED
+    _write_record(ctx, rec, tries=3)
+    deadline = time.monotonic() + ctx.settings.id_hold
+    while True:
+        try:
+            moved = _move(
+                ctx, rec, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=prediction_id, submitted_at=repr(now)
+            )
+            break
+        except StateError as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s/%s: prediction %s not recorded in Redis (%s); its stored record holds it",
+                          rec.run_id, rec.id, prediction_id, exc)  # fmt: skip
+                raise
+            time.sleep(0.5)
+    if moved == "ok":
+        return ctx.polls.first(rec.run_id, rec.spec.model)
+    return _adopt(ctx, meta, rec, moved)
+
+
+def _adopt(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: str) -> float | None:
+    """The job was ended (as uncertain) while its POST was being answered: the prediction exists,
+    so it is taken back, polled and settled at its real cost, never left final without a verdict."""
+    run_id = rec.run_id
+    cur = ctx.runs.get(run_id, rec.id)
+    if cur is None or cur.prediction_id or state != UNCERTAIN:
+        log.warning("job %s/%s is %s while its submit answered with prediction %s", run_id, rec.id, state,
+                    rec.prediction_id)  # fmt: skip
+        if cur is not None and not cur.prediction_id:
+            ctx.runs.update(run_id, rec.id, prediction_id=rec.prediction_id)
         return STALE
-    rec.prediction_id, rec.state, rec.submitted_at = sub.id, SUBMITTED, now
+    if not ctx.runs.reopen(run_id, rec.id, UNCERTAIN, SUBMITTED, rec.token):
+        return STALE
+    ctx.budget(meta["budget_scope"]).unsettle(entry(rec))
+    ctx.runs.update(run_id, rec.id, prediction_id=rec.prediction_id, submitted_at=repr(rec.submitted_at),
+                    record_written="0")  # fmt: skip
+    ctx.runs.bump(run_id, "submitted")
+    ctx.slots.acquire(f"{run_id}:{rec.id}")
     _write_record(ctx, rec)
     return ctx.polls.first(run_id, rec.spec.model)
-
-
-def _prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[str] | float:
-    """Upload local and s3:// inputs once per content hash (shared by the run); URLs pass as they are."""
-    urls: list[str] = []
-    for ref in rec.spec.images:
-        if ref.kind == "url":
-            urls.append(ref.value)
-            continue
-        try:
-            data = _read_input(ctx, ref.kind, ref.value, ref.path)
-        except (OSError, StorageError) as exc:
-            n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
-            if n >= ctx.settings.max_attempts or isinstance(exc, FileNotFoundError):
-                _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} cannot be read: {exc}", reason="input")
-                return NEXT
-            events.retry(rec, "read_input", n, str(exc))
-            return backoff(n)
-        sha = hashlib.sha256(data).hexdigest()
-        verdict, value = ctx.uploads.claim(rec.run_id, sha)
-        if verdict == "url":
-            urls.append(value)
-            continue
-        if verdict == "wait":
-            return 0.3  # another job is uploading the same photo
-        if verdict == "taken_over":
-            log.warning("upload of %s claimed %ss ago, not done; uploading it here", ref.value, value[:6])
-        try:
-            later = ctx.limiter.take("upload")
-            if later:
-                ctx.uploads.release(rec.run_id, sha)
-                return later
-            try:
-                info = inspect(data, decode=False)
-            except NotAnImage as exc:
-                ctx.uploads.release(rec.run_id, sha)
-                _end(ctx, meta, rec, PENDING, FAILED, error=f"input {ref.value} is not an image: {exc}", reason="input")
-                return NEXT
-            url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
-        except RateLimited as exc:
-            ctx.uploads.release(rec.run_id, sha)
-            ctx.limiter.cool_down("upload", exc.retry_after)
-            events.rate_limited(rec, "upload", exc.retry_after)
-            return exc.retry_after or 1.0
-        except (TransientError, ServiceError) as exc:
-            ctx.uploads.release(rec.run_id, sha)
-            n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
-            if isinstance(exc, TransientError) and n < ctx.settings.max_attempts:
-                events.retry(rec, "upload", n, exc.message)
-                return backoff(n)
-            _end(ctx, meta, rec, PENDING, FAILED, error=f"upload of {ref.value} failed: {exc}", reason="upload")
-            return NEXT
-        ctx.uploads.store(rec.run_id, sha, url)
-        ctx.runs.bump(rec.run_id, "uploads")
-        events.uploaded()
-        urls.append(url)
-    return urls
-
-
-def _read_input(ctx: Context, kind: str, value: str, path: str | None) -> bytes:
-    if kind == "local":
-        assert path is not None
-        with open(path, "rb") as fh:
-            return fh.read(10 * 1024 * 1024 + 1)
-    bucket, _, key = value[5:].partition("/")
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return bytes(ctx.s3().get_object(Bucket=bucket, Key=key)["Body"].read())
-    except (BotoCoreError, ClientError) as exc:
-        raise StorageError(f"{value}: {type(exc).__name__}") from None
 
 
 # -- submitting: found after a crash between the claim and the answer --------------------------
 
 
 def _submitting(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    if rec.posted_at is None:
+        # Claimed, never sent: its worker stopped before the POST, or this is a second copy of the
+        # message that claimed it. It waits again; the claimant's last check now fails.
+        _unsent(ctx, rec)
+        return NEXT
+    left = send_settle(ctx) - (time.time() - rec.posted_at)
+    if left > 0:  # its sender may still be recording the answer
+        return left
+    stored = _stored_record(ctx, rec)
+    if stored.get("prediction_id"):  # the answer reached storage but not Redis
+        moved = _move(ctx, rec, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=stored["prediction_id"],
+                      submitted_at=repr(stored.get("submitted_at") or rec.posted_at))  # fmt: skip
+        return NEXT if moved == "ok" else STALE
     return _uncertain(
         ctx,
         meta,
         rec,
         SUBMITTING,
         reason="worker_lost_during_submit",
-        error="the worker stopped during the submit; the prediction may exist (see /model/history)",
+        error="the worker stopped while its submit was sent; the prediction may exist (see the account's usage)",
     )
+
+
+def _stored_record(ctx: Context, rec: JobRecord) -> dict[str, Any]:
+    try:
+        got = ctx.storage(rec.run_id).get_json(f"records/{rec.id}.json")
+    except StorageError as exc:
+        raise TransientStorage(str(exc)) from None
+    return got if isinstance(got, dict) else {}
+
+
+class TransientStorage(StateError):
+    """Storage could not be read to decide a job's fate: try the message again later."""
 
 
 # -- submitted: poll, adaptively ----------------------------------------------------------------
@@ -397,25 +428,24 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
         ctx.control.halt(run_id, "auth")
         ctx.runs.update(run_id, rec.id, error=exc.message)
         return None  # left submitted: `resume` polls it again
-    except BadRequest as exc:  # 404 for an id the service gave us
-        return _uncertain(ctx, meta, rec, SUBMITTED, error=exc.message, reason="prediction_lost")
+    except BadRequest as exc:  # 400/404 for an id the service gave us
+        if elapsed < ctx.settings.warmup_grace:  # the service is still warming the prediction up
+            return ctx.polls.again(run_id, rec.spec.model, elapsed)
+        return _overdue(
+            ctx, meta, rec, error=f"the service lost the prediction: {exc.message}", reason="prediction_lost"
+        )
     except ServiceError as exc:
         ctx.runs.bump(run_id, "retries")
         events.retry(rec, "poll", polls, exc.message)
         if elapsed > ctx.settings.poll_deadline:
-            return _uncertain(
-                ctx, meta, rec, SUBMITTED, error=f"no answer before the deadline: {exc.message}", reason="poll_deadline"
+            return _overdue(
+                ctx, meta, rec, error=f"no answer before the deadline: {exc.message}", reason="poll_deadline"
             )
         return backoff(polls, 1.0, 30.0)
     if pred.state is State.RUNNING:
         if elapsed > ctx.settings.poll_deadline:
-            return _uncertain(
-                ctx,
-                meta,
-                rec,
-                SUBMITTED,
-                reason="poll_deadline",
-                error=f"still {pred.status or 'running'} after {int(elapsed)} s",
+            return _overdue(
+                ctx, meta, rec, reason="poll_deadline", error=f"still {pred.status or 'running'} after {int(elapsed)} s"
             )
         if polls == 1:  # each job teaches the run's poll times once, at its first poll
             ctx.polls.still_running(run_id, rec.spec.model, elapsed)

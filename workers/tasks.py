@@ -91,6 +91,9 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
             return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
         new = uuid.uuid4().hex
         wait = max(0.0, countdown)
+        if wait > ctx.settings.longest_countdown:  # the broker cannot hold it: the job sleeps in Redis
+            ctx.runs.update(run_id, job_id, wake_at=repr(time.time() + wait))
+            wait = ctx.settings.longest_countdown
         state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
         if state is not None:
             queue = queue_for(ctx.meta(run_id), state)

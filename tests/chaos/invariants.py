@@ -93,9 +93,20 @@ def check(
     progress = pipe.runs().progress(run_id)
     assert progress.done and progress.finished == len(ids)
     # the report and the durable records agree
+    recorded: set[str] = set()
     for r in report:
         rec = json.loads(read(f"records/{r['id']}.json"))
         assert (rec["state"], rec["prediction_id"] or "") == (r["status"], r["prediction_id"]), r["id"]
+        recorded |= {rec["prediction_id"]} | {h.get("prediction_id") for h in rec.get("history") or []}
+    # "uncertain" only when a POST really left: the service saw a submit of every uncertain row
+    # (each row's prompt is its own)
+    posted = acc["prompts_posted"]
+    never_sent = [r["id"] for r in report if r["status"] == "uncertain" and not posted.get(r["prompt"])]
+    assert never_sent == [], f"uncertain but never submitted: {never_sent}"
+    # no paid result lost: every prediction whose id the service answered is in the records (one
+    # whose answer was dropped on the way is an uncertain job: its id never reached us)
+    unrecorded = sorted(set(acc["answered_prediction_ids"]) - recorded)
+    assert unrecorded == [], f"predictions missing from the records: {unrecorded}"
     statuses: dict[str, int] = {}
     for r in report:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
@@ -104,6 +115,7 @@ def check(
     figures.duplicates = len(acc["duplicate_fingerprints"])
     figures.lost = len(ids) - sum(statuses.values())
     figures.cost_drift_micros = total - int(acc["billed_micros"])
+    figures.extra.update(uncertain_never_sent=len(never_sent), predictions_unrecorded=len(unrecorded))
     figures.faults_injected += sum(v for k, v in acc["counts"].items() if k.startswith("injected_")) + acc[
         "counts"
     ].get("dropped_submit_answers", 0)
