@@ -15,7 +15,7 @@ from jobs.errors import ConfigError
 from jobs.estimate import render_text, scan
 from jobs.logs import configure
 from jobs.models import ModelTable, usd_to_micros
-from jobs.settings import FILE_NAME, SETTINGS, apply, effective
+from jobs.settings import FILE_NAME, SETTINGS, apply, effective, environ_flag
 from manifests.validate import Result, Validator
 from sandbox.settings import Faults, SandboxSettings
 
@@ -164,7 +164,7 @@ models_file_opt = click.option(
 def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: str | None) -> Validator:
     try:
         table = ModelTable.load(models_file, default=model)
-        return Validator(manifest, table, fmt=fmt, model=model)
+        return Validator(manifest, table, fmt=fmt, model=model, allow_internal_urls=environ_flag("allow_internal_urls"))
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
 

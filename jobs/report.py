@@ -1,7 +1,7 @@
 """report.csv, report.html and summary.json: one row (and card) per manifest row, in order, safe to open.
 
 A cell that starts with = + - @ (or a tab or carriage return) would be run as a
-formula by a spreadsheet; such cells are prefixed with a quote.
+formula by a spreadsheet; such cells, the header's included, are prefixed with a quote.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def write_report(
     metadata_columns = [c for c in meta.get("metadata_columns", []) if c not in COLUMNS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS + metadata_columns)
+    writer.writerow([cell(c) for c in COLUMNS + metadata_columns])  # metadata names are the user's text too
     counts: Counter[str] = Counter()
     cost_by_model: Counter[str] = Counter()
     total_micros = 0

@@ -37,6 +37,7 @@ from jobs.records import (
     RunStore,
 )
 from jobs.report import write_report, write_run_report
+from jobs.settings import environ_flag
 from jobs.storage import Storage, open_storage
 from jobs.thumbs import input_reader
 from manifests.spec import JobSpec
@@ -111,7 +112,8 @@ def start_run(
     client_factory: Callable[[str], Any] | None = None,
 ) -> Started:
     table = ModelTable.load(opts.models_file, default=opts.model)
-    validator = Validator(opts.manifest, table, fmt=opts.fmt, model=opts.model)
+    allow_internal_urls = environ_flag("allow_internal_urls")
+    validator = Validator(opts.manifest, table, fmt=opts.fmt, model=opts.model, allow_internal_urls=allow_internal_urls)
     result, est, metadata_columns = scan(validator)
     if not result.ok and not opts.skip_invalid:
         raise ManifestRefused(result)
@@ -149,6 +151,7 @@ def start_run(
         "format": validator.fmt,
         "model": opts.model,
         "models_file": opts.models_file,
+        "allow_internal_urls": allow_internal_urls,
         "prices": {m: s.price_micros for m, s in table.models.items()},
         "metadata_columns": metadata_columns,
         "queue": opts.queue,
@@ -485,7 +488,14 @@ class Runs:
         if file_sha256(path) != saved["manifest_sha256"]:
             raise ConfigError(f"{path} is not the manifest this run started with (its digest differs)")
         table = ModelTable.load(saved.get("models_file"), default=saved.get("model"))
-        validator = Validator(path, table, fmt=saved.get("format"), model=saved.get("model"), check_files=False)
+        validator = Validator(
+            path,
+            table,
+            fmt=saved.get("format"),
+            model=saved.get("model"),
+            check_files=False,
+            allow_internal_urls=bool(saved.get("allow_internal_urls")),
+        )
         meta = {k: v for k, v in saved.items() if k not in ("limits", "estimate", "budget_cap_micros")}
         meta["output"] = output
         meta["s3_endpoint"] = s3_endpoint or saved.get("s3_endpoint")

@@ -103,8 +103,16 @@ SETTINGS: tuple[Setting, ...] = (
     S("metrics_host", "SEEDREAM_METRICS_HOST", str, "127.0.0.1", "the address the metrics endpoint listens on"),
     S("notify_url", "SEEDREAM_NOTIFY_URL", str, "", "POST the run's summary here when it ends", secret=True),
     S("notify_attempts", "SEEDREAM_NOTIFY_ATTEMPTS", int, "5", "tries of that POST before giving up"),
+    S(
+        "allow_internal_urls",
+        "SEEDREAM_ALLOW_INTERNAL_URLS",
+        bool,
+        "0",
+        "input URLs at loopback, private or link-local addresses pass validation",
+    ),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+BOOL_TEXT = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("", "0", "false", "no", "off"), False)}
 
 
 def find_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -142,6 +150,10 @@ def check(setting: Setting, value: Any, *, where: str) -> str:
     if isinstance(value, dict | list) or (isinstance(value, bool) and setting.kind is not bool):
         raise ConfigError(f"{where}: {setting.name} must be a {setting.kind.__name__}, got {value!r}")
     text = str(value)
+    if setting.kind is bool:
+        if text.strip().lower() not in BOOL_TEXT:
+            raise ConfigError(f"{where}: {setting.name} must be a bool (1/0, true/false), got {value!r}")
+        return "1" if BOOL_TEXT[text.strip().lower()] else "0"
     if setting.kind in (int, float):
         try:
             setting.kind(text)
@@ -217,3 +229,12 @@ def environ_default(name: str) -> str:
     """The value of setting `name` in this process (its default when unset)."""
     s = BY_NAME[name]
     return os.environ.get(s.env, s.default)
+
+
+def environ_flag(name: str) -> bool:
+    """A bool setting in this process; the environment is not checked on the way in as the file
+    and the flags are, so a value that means neither is refused here rather than read as off."""
+    text = environ_default(name).strip().lower()
+    if text not in BOOL_TEXT:
+        raise ConfigError(f"{BY_NAME[name].env} must be 1/0 or true/false, got {text!r}")
+    return BOOL_TEXT[text]

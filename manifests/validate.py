@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 from jobs.images import NotAnImage, inspect
 from jobs.models import RESERVED_PARAMS, UNSUPPORTED_PARAMS, ModelSpec, ModelTable
+from manifests.addresses import is_internal_host
 from manifests.reader import Header, RawRow, detect_format, read_rows
 from manifests.spec import ImageRef, JobSpec, Problem
 
@@ -34,6 +36,8 @@ MIN_SIDE = 15  # each side must be more than 14 px
 MAX_PROMPT = 10_000
 MAX_PROBLEMS_KEPT = 1000
 PARAM_TYPES: dict[str, type | tuple[type, ...]] = {"seed": int, "max_images": int, "watermark": bool}
+# Control characters (Unicode's Cc: C0, DEL, C1) but tab, newline and carriage return.
+PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -74,12 +78,14 @@ class Validator:
         fmt: str | None = None,
         model: str | None = None,
         check_files: bool = True,
+        allow_internal_urls: bool = False,
     ) -> None:
         self.path = Path(path)
         self.name = str(path)
         self.table = table
         self.default_model = model or table.default
         self.check_files = check_files
+        self.allow_internal_urls = allow_internal_urls
         self.fmt = detect_format(self.path, fmt)
         self._file_checks: dict[str, str | None] = {}
 
@@ -207,16 +213,18 @@ class Validator:
         elif not ID_PATTERN.fullmatch(job_id) or set(job_id) == {"."}:
             p("id", f"{_show(job_id)} is not a safe id: use letters, digits, '.', '_', '-' (at most 128)")
         else:
-            digest = hashlib.blake2b(job_id.encode(), digest_size=8).digest()
-            first = seen.setdefault(digest, line)
-            if first != line:
-                p("id", f"duplicate id {job_id!r} (first on line {first})")
+            duplicate = _duplicate(job_id, line, seen)
+            if duplicate:
+                p("id", duplicate)
 
         prompt = fields.get("prompt")
         if "prompt" in fields and (not isinstance(prompt, str) or not prompt.strip()):
             p("prompt", "is blank" if isinstance(prompt, str) or prompt is None else "must be text")
         elif isinstance(prompt, str) and len(prompt) > MAX_PROMPT:
             p("prompt", f"is longer than {MAX_PROMPT:,} characters")
+        elif isinstance(prompt, str) and (control := PROMPT_CONTROL.search(prompt)):
+            code, at = f"U+{ord(control.group()):04X}", control.start() + 1
+            p("prompt", f"has the control character {code} at character {at} (only tab, newline and CR may appear)")
 
         model_id = fields.get("model")
         if model_id is None or (isinstance(model_id, str) and not model_id.strip()):
@@ -266,6 +274,9 @@ class Validator:
             if not isinstance(item, str) or not item.strip():
                 problems.append(Problem(self.name, line, fld, "is empty"))
                 continue
+            if "\0" in item:
+                problems.append(Problem(self.name, line, fld, f"{_show(item)} has a NUL byte; no path or URL can"))
+                continue
             ref, error = self._image_ref(item.strip())
             if error:
                 problems.append(Problem(self.name, line, fld, error))
@@ -276,9 +287,18 @@ class Validator:
     def _image_ref(self, text: str) -> tuple[ImageRef | None, str | None]:
         scheme = text.split("://", 1)[0].lower() if "://" in text else ""
         if scheme in ("http", "https"):
-            parts = urlsplit(text)
-            if not parts.hostname or any(c.isspace() for c in text):
+            try:
+                hosts = [urlsplit(text).hostname]
+                if "\\" in text:  # a reader that takes it for a slash (browsers, WHATWG) sees another host
+                    hosts.append(urlsplit(text.replace("\\", "/")).hostname)
+            except ValueError:  # an unclosed [ of an IPv6 address
+                hosts = [None]
+            if not hosts[0] or any(c.isspace() for c in text):
                 return None, f"{_show(text)} is not a valid URL"
+            internal = [h for h in hosts if h and is_internal_host(h)]
+            if internal and not self.allow_internal_urls:
+                allow = "SEEDREAM_ALLOW_INTERNAL_URLS=1 allows it"
+                return None, f"{_show(text)} points at an internal address ({internal[0]}); {allow}"
             return ImageRef("url", text), None
         if scheme == "s3":
             bucket, _, key = text[5:].partition("/")
@@ -384,6 +404,22 @@ class Validator:
                 )
             )
         return value
+
+
+def _duplicate(job_id: str, line: int, seen: dict[bytes, int]) -> str | None:
+    """Ids name output folders and files, which case-insensitive file systems (macOS, Windows)
+    cannot tell apart by case alone. Each id is kept as the 8-byte digest of its folded form,
+    mapped to its line and a checksum of its exact form, so the message can say which it is."""
+    key = hashlib.blake2b(job_id.casefold().encode(), digest_size=8).digest()
+    exact = zlib.crc32(job_id.encode())
+    first = seen.setdefault(key, line << 32 | exact)
+    first_line = first >> 32
+    if first_line == line:
+        return None
+    if first & 0xFFFFFFFF == exact:
+        return f"duplicate id {job_id!r} (first on line {first_line})"
+    why = "ids name files, and macOS and Windows ignore case"
+    return f"duplicate id {job_id!r} ignoring case (first on line {first_line}): {why}"
 
 
 def _show(value: Any, limit: int = 60) -> str:

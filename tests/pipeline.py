@@ -50,6 +50,7 @@ class Pipeline:
                 "SEEDREAM_VISIBILITY_TIMEOUT": "12",
                 "SEEDREAM_STEP_LEASE": "30",
                 "SEEDREAM_RESTORE_INTERVAL": "1",
+                "SEEDREAM_ALLOW_INTERNAL_URLS": "1",  # URL inputs live on the sandbox, at 127.0.0.1
             }
         )
         if self.s3_endpoint:

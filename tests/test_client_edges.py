@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Callable
 
 import httpx
@@ -21,6 +23,7 @@ from jobs.errors import (
 from tests.conftest import FAST_RETRY
 from workers.atlas import AtlasClient, parse_retry_after
 from workers.prediction import Prediction, State, classify
+from workers.urls import check_fetchable, resolve_host
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -176,6 +179,20 @@ def test_downloads_never_carry_the_api_key() -> None:
         "file:///etc/passwd",
         "ftp://x/o.png",
         "http://[::1]/o.png",
+        "http://127.1/o.png",
+        "http://2130706433/o.png",
+        "http://0x7f.1/o.png",
+        "http://0177.0.0.1/o.png",
+        "http://017700000001/o.png",
+        "http://0/o.png",
+        "http://127.0.0.1./o.png",
+        "http://127\u30020\u30020\u30021/o.png",  # ideographic full stops, read as dots
+        "http://[::ffff:127.0.0.1]/o.png",
+        "http://[0:0:0:0:0:ffff:7f00:1]/o.png",
+        "http://[::ffff:a9fe:a9fe]/latest/meta-data",
+        "http://[fe80::1%25eth0]/o.png",
+        "http://100.100.100.200/latest/meta-data",
+        "http://metadata.google.internal/computeMetadata/v1/",
     ],
 )
 def test_internal_or_odd_output_urls_are_not_fetched(url: str) -> None:
@@ -214,3 +231,51 @@ def test_endless_output_stream_is_cut_at_the_cap() -> None:
     c = client_for(lambda r: httpx.Response(200, content=endless()))  # type: ignore[arg-type]
     with pytest.raises(BadOutput, match="cut off"):
         c.download("https://cdn.example.test/huge.png", max_bytes=1_000_000)
+
+
+def test_a_name_that_resolves_to_an_internal_address_is_not_fetched() -> None:
+    names = {"rebound.example.test": ["93.184.216.34", "127.0.0.1"], "cdn.example.test": ["93.184.216.34"]}
+
+    def resolve(host: str, port: int) -> list[str]:
+        return names.get(host, [])
+
+    with pytest.raises(BadOutput, match=r"rebound\.example\.test resolves to an internal address \(127\.0\.0\.1\)"):
+        check_fetchable("https://rebound.example.test/o.png", trusted_hosts=frozenset(), resolve=resolve)
+    assert check_fetchable("https://cdn.example.test/o.png", trusted_hosts=frozenset(), resolve=resolve)
+    # a name that does not resolve here is left to the connection, which fails as a transient fault
+    assert check_fetchable("https://gone.example.test/o.png", trusted_hosts=frozenset(), resolve=resolve)
+
+
+def test_the_service_host_is_trusted_only_as_configured() -> None:
+    """The sandbox on 127.0.0.1:8787 stays fetchable; no other spelling or port of it is, and it is never looked up."""
+    trusted = frozenset({"127.0.0.1:8787"})
+
+    def resolve(host: str, port: int) -> list[str]:
+        raise AssertionError(f"{host} looked up")
+
+    assert check_fetchable("http://127.0.0.1:8787/files/o.png", trusted_hosts=trusted, resolve=resolve)
+    for url in ("http://127.1:8787/files/o.png", "http://2130706433:8787/o.png", "http://[::ffff:127.0.0.1]:8787/"):
+        with pytest.raises(BadOutput, match="internal address"):
+            check_fetchable(url, trusted_hosts=trusted, resolve=resolve)
+
+
+def test_a_slow_lookup_is_given_up_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(*args: object, **kw: object) -> list[object]:
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    started = time.monotonic()
+    assert resolve_host("slow.example.test", 80, timeout=0.2) == []
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_lookup_gives_every_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    infos = [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 443, 0, 0)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **kw: infos)
+    assert resolve_host("two.example.test", 443) == ["93.184.216.34", "::1"]
+    with pytest.raises(BadOutput, match="resolves to an internal address"):
+        check_fetchable("https://two.example.test/o.png", trusted_hosts=frozenset())

@@ -4,6 +4,7 @@ hostile text from the manifest and the service, thumbnails made once, presigned 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -182,6 +183,20 @@ class CountingStorage(LocalStorage):
     def put_bytes(self, key: str, data: bytes, content_type: str, metadata: Any = None) -> str:
         self.puts.append(key)
         return super().put_bytes(key, data, content_type, metadata)
+
+
+def test_no_report_header_starts_a_formula(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "run")
+    names = ['=HYPERLINK("http://x","y")', "+1", "-1", "@SUM(A1)", "\tx", "sku"]
+    record = {"id": "a", "line": 2, "state": "succeeded", "model": V4, "prompt": "p", "images": ["p.png"],
+              "metadata": {n: f"v{i}" for i, n in enumerate(names)}, "outputs": [], "cost_micros": 27_000}  # fmt: skip
+    write_report(storage, iter([record]), {"run_id": "r", "metadata_columns": names})
+    raw = (tmp_path / "run" / "report.csv").read_bytes().decode("utf-8")
+    assert raw.startswith("id,status,") and ',"\'=HYPERLINK(""http://x"",""y"")",' in raw.split("\n", 1)[0]
+    header, row = list(csv.reader(io.StringIO(raw, newline="")))
+    assert not [c for c in header if c.startswith(("=", "+", "-", "@", "\t", "\r"))], header
+    assert header[-len(names) :] == ["'" + n for n in names[:-1]] + ["sku"]
+    assert row[-len(names) :] == [f"v{i}" for i in range(len(names))]  # each value stays under its column
 
 
 def test_thumbnails_are_made_once(tmp_path: Path) -> None:

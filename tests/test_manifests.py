@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from jobs.cli import EXIT_INVALID, main
 from jobs.models import ModelTable
+from manifests.addresses import is_internal_host
 from manifests.spec import JobSpec
 from manifests.validate import Validator
 from tests.helpers import image_bytes
@@ -32,11 +33,21 @@ EXPECTED: dict[str, list[tuple[int, str | None, str]]] = {
     "unterminated_quote.csv": [(4, None, "malformed CSV")],
     "wrong_cell_count.csv": [(2, None, "3 cells but the header has 7")],
     "duplicate_id.csv": [(4, "id", "duplicate id 'a' (first on line 2)")],
+    "duplicate_id_case.csv": [
+        (4, "id", "duplicate id 'sku1' ignoring case (first on line 2"),
+        (5, "id", "duplicate id 'Sku1' ignoring case (first on line 2"),
+        (6, "id", "duplicate id 'SKU1' (first on line 2)"),
+    ],
     "unsafe_id_traversal.csv": [(2, "id", "not a safe id")],
     "unsafe_id_dots.csv": [(3, "id", "not a safe id")],
     "unsafe_id_too_long.csv": [(2, "id", "not a safe id")],
     "unsafe_id_space.csv": [(2, "id", "not a safe id")],
     "blank_prompt.csv": [(2, "prompt", "is blank")],
+    "control_in_prompt.jsonl": [
+        (1, "prompt", "control character U+0000"),
+        (3, "prompt", "control character U+001B"),
+        (4, "prompt", "control character U+007F"),
+    ],
     "zero_images.csv": [(3, "images", "has no images")],
     "too_many_images.csv": [(2, "images", "has 11 images")],
     "unknown_model.csv": [(2, "model", "unknown model 'bytedance/seedream-v9/edit'")],
@@ -57,7 +68,11 @@ EXPECTED: dict[str, list[tuple[int, str | None, str]]] = {
     "ftp_scheme.csv": [(2, "images[1]", "scheme 'ftp' is not supported")],
     "file_scheme.csv": [(2, "images[1]", "scheme 'file' is not supported")],
     "bad_s3_uri.csv": [(2, "images[1]", "s3://bucket/key")],
+    "bad_url_bracket.csv": [(2, "images[1]", "not a valid URL")],
     "empty_image_item.csv": [(2, "images[2]", "is empty")],
+    "nul_in_path.csv": [(3, "images[1]", "NUL")],
+    "nul_in_path.jsonl": [(1, "images[2]", "NUL")],
+    "internal_url.csv": [(line, "images[1]", "internal address") for line in range(3, 17)],
     "empty_file.csv": [(0, None, "empty")],
     "header_only.csv": [(0, None, "no rows")],
     "non_utf8.csv": [(3, None, "not UTF-8")],
@@ -99,7 +114,18 @@ def test_bad_manifest_names_line_and_field(name: str) -> None:
     assert all(str(p).startswith(str(CORPUS / name)) for p in result.problems)
 
 
-@pytest.mark.parametrize("name", ["duplicate_id.csv", "many_problems.csv", "non_utf8.csv", "bad_quoting.csv"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "duplicate_id.csv",
+        "many_problems.csv",
+        "non_utf8.csv",
+        "bad_quoting.csv",
+        "nul_in_path.csv",
+        "duplicate_id_case.csv",
+        "internal_url.csv",
+    ],
+)
 def test_validate_command_exits_non_zero_and_prints_each_problem(name: str) -> None:
     result = CliRunner().invoke(main, ["validate", str(CORPUS / name)])
     assert result.exit_code == EXIT_INVALID
@@ -115,6 +141,31 @@ def test_estimate_refuses_an_invalid_manifest_unless_told() -> None:
     partial = runner.invoke(main, ["estimate", str(CORPUS / "duplicate_id.csv"), "--skip-invalid", "--json"])
     assert partial.exit_code == 0
     assert json.loads(partial.output[partial.output.index("{") :])["jobs"] == 2
+
+
+def test_internal_urls_pass_when_the_setting_allows_them() -> None:
+    assert validator(CORPUS / "internal_url.csv", allow_internal_urls=True).run().ok
+    allowed = CliRunner().invoke(
+        main, ["validate", str(CORPUS / "internal_url.csv")], env={"SEEDREAM_ALLOW_INTERNAL_URLS": "1"}
+    )
+    assert allowed.exit_code == 0 and "15 jobs OK" in allowed.output
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["cdn.example.com", "8.8.8.8", "134744072", "0x8.0x8.0x8.0x8", "[2606:4700:4700::1111]", "[::ffff:8.8.8.8]",
+     "127.example.com", "0x7f.example.com", "localhost.example.com"],
+)  # fmt: skip
+def test_public_hosts_in_any_spelling_are_not_internal(host: str) -> None:
+    assert not is_internal_host(host)
+
+
+def test_a_formula_like_metadata_column_stays_valid(tmp_path: Path) -> None:
+    """Metadata names come from the user's own sheet: the report defuses them (test_gallery)."""
+    shutil.copy(CORPUS / "images" / "good.png", tmp_path / "good.png")
+    (tmp_path / "m.csv").write_text('id,prompt,images,"=HYPERLINK(""http://x"",""y"")"\na,p,good.png,v\n')
+    [job] = list(validator(tmp_path / "m.csv").jobs())
+    assert job.metadata == {'=HYPERLINK("http://x","y")': "v"}
 
 
 def test_file_over_10_mb_is_refused_without_reading_it(tmp_path: Path) -> None:

@@ -70,12 +70,21 @@ def test_the_file_reaches_a_worker_started_by_celery_itself(tmp_path: Path) -> N
         ('log_format = "xml"\n', "log_format must be one of text, json"),
         ("max_in_flight = [1]\n", "max_in_flight must be a int"),
         ("submit_rate = \n", "seedream-batch.toml"),
+        ('allow_internal_urls = "maybe"\n', "allow_internal_urls must be a bool"),
     ],
 )
 def test_a_bad_file_is_refused_with_its_name_and_key(tmp_path: Path, text: str, words: str) -> None:
     (tmp_path / "seedream-batch.toml").write_text(text)
     done = subprocess.run([EXE, "config"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and words in done.stderr
+
+
+def test_allow_internal_urls_is_off_unless_set(tmp_path: Path) -> None:
+    assert config_json(tmp_path, env=_env())["allow_internal_urls"]["value"] == "0"
+    (tmp_path / "seedream-batch.toml").write_text("allow_internal_urls = true\n")
+    assert config_json(tmp_path, env=_env())["allow_internal_urls"]["value"] == "1"
+    flag = config_json(tmp_path, "--allow-internal-urls", "no", env=_env())["allow_internal_urls"]
+    assert (flag["value"], flag["source"]) == ("0", "flag --allow-internal-urls")
 
 
 def test_a_named_file_must_exist(tmp_path: Path) -> None:
