@@ -194,15 +194,17 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     return None
 
 
-def _unsent(ctx: Context, rec: JobRecord, *, refused: bool = False, uncount: bool = True) -> bool:
+def _unsent(
+    ctx: Context, rec: JobRecord, *, refused: bool = False, uncount: bool = True, rewrite: bool = False
+) -> bool:
     """The submit did not leave (or the service refused it): the job is pending again, in Redis
-    and then, if its record was stored as sent, in its durable record, so neither the watchdog
-    nor a resume from storage takes it for a sent one. False when it had left and `refused`
-    does not say otherwise."""
+    and then, if its record was stored as sent (`refused`, `rewrite`), in its durable record,
+    so neither the watchdog nor a resume from storage takes it for a sent one. False when it
+    had left and `refused` does not say otherwise."""
     if not ctx.runs.hand_back(rec.run_id, rec.id, refused=refused, uncount=uncount):
         return False
     rec.state, rec.posted_at = PENDING, None
-    if refused:
+    if refused or rewrite:
         _write_record(ctx, rec, tries=3)
     return True
 
@@ -257,35 +259,37 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     if rec.spec.size:
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
+    # Durable before the POST: a run resumed from storage never resubmits a job whose record says
+    # `submitting`. It is written before the last checks, so that only the send itself stands
+    # between the check that marks the POST as leaving and the POST.
+    rec.posted_at = time.time()
+    if not _write_record(ctx, rec):
+        _unsent(ctx, rec)
+        n = ctx.runs.incr(run_id, rec.id, "store_attempts")
+        events.retry(rec, "store_record", n, "the record could not be stored before the submit")
+        return backoff(n, 1.0, 30.0)
     # Pacing goes next to the POST: the time between it and the send is the jitter the
     # service's small burst must absorb.
     paced = ctx.limiter.pace("submit")
     if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
-        _unsent(ctx, rec)
+        _unsent(ctx, rec, rewrite=True)
         return max(paced.wait, 0.001)
     time.sleep(paced.wait)
     verdict = ctx.runs.mark_posted(run_id, rec.id, rec.token, ctx.control.key(run_id), budget.keys[0])
     if verdict == "lost":
         # Taken over while this worker stood still: never POST for it, and if the job ended
-        # meanwhile, make sure its final record is the one in storage.
+        # meanwhile, make sure its final record is the one in storage (its new driver writes
+        # any other state it reaches; until then the record errs on the side of "sent").
         cur = ctx.runs.get(run_id, rec.id)
         if cur is not None and cur.settled:
             _write_record(ctx, cur)
         return STALE
     if verdict != "ok":
-        _unsent(ctx, rec)
+        _unsent(ctx, rec, rewrite=True)
         kind, _, why = verdict.partition(":")
         if kind == "budget":
             return _end(ctx, meta, rec, PENDING, SKIPPED, reason="budget", error=why)
         return _end(ctx, meta, rec, PENDING, SKIPPED, reason=why)
-    rec.posted_at = time.time()
-    # Durable before the POST, and only once it is sure to leave: a run resumed from storage
-    # never resubmits a job whose record says `submitting`, and never finds one that did not go.
-    if not _write_record(ctx, rec):
-        _unsent(ctx, rec, refused=True)
-        n = ctx.runs.incr(run_id, rec.id, "store_attempts")
-        events.retry(rec, "store_record", n, "the record could not be stored before the submit")
-        return backoff(n, 1.0, 30.0)
     try:
         sub = client.submit(rec.spec.model, params)
     except OutcomeUnknown as exc:
