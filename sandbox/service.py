@@ -251,7 +251,6 @@ class Service:
         forced = self.settings.final_status
         if forced:
             outcome = "success" if forced in SUCCEEDED else "timeout" if forced == "timeout" else "failed"
-        if forced:
             spelling = forced
         elif outcome == "success":
             spelling = "succeeded" if rng.random() < f.succeeded_spelling else rng.choice(SUCCEEDED)
