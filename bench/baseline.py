@@ -85,7 +85,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     args.throttle = Throttle(args.rate)
     stats = {"done": 0, "failed": 0, "polls": 0, "http_429": 0}
     sem = asyncio.Semaphore(args.concurrency)
-    headers = {"Authorization": f"Bearer {os.environ.get('ATLASCLOUD_API_KEY', 'bench')}"}
+    headers = {
+        "Authorization": f"Bearer {os.environ.get('ATLASCLOUD_API_KEY', 'bench')}",
+        "User-Agent": "seedream-baseline",
+    }
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(base_url=args.api_base, headers=headers, timeout=30, limits=limits) as http:
 

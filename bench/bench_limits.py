@@ -38,7 +38,9 @@ def loop(mode: str, api: str, image: str, prefix: str, name: str, start_at: floa
     accepted: list[float] = []
     rejected = 0
     next_local = start_at
-    with httpx.Client(headers={"Authorization": "Bearer bench"}, timeout=10) as http:
+    with httpx.Client(
+        headers={"Authorization": "Bearer bench", "User-Agent": "seedream-batch-bench"}, timeout=10
+    ) as http:
         time.sleep(max(0.0, start_at - time.time()))
         stop = start_at + SECONDS
         n = 0
@@ -93,7 +95,9 @@ def run(mode: str, processes: int, sb: SandboxProcess, image: str) -> dict[str, 
 def main() -> None:
     with SandboxProcess(settings={"submit_rate": RATE}) as sb:
         png = _png()
-        with httpx.Client(headers={"Authorization": "Bearer bench"}, timeout=10) as c:
+        with httpx.Client(
+            headers={"Authorization": "Bearer bench", "User-Agent": "seedream-batch-bench"}, timeout=10
+        ) as c:
             image = c.post(f"{sb.api_base}/model/uploadMedia", files={"file": ("p.png", png, "image/png")}).json()[
                 "data"
             ]["download_url"]

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import table, write_result
 from sandbox.server import SandboxProcess
 
-KEY = {"Authorization": "Bearer bench-key"}
+KEY = {"Authorization": "Bearer bench-key", "User-Agent": "seedream-batch-bench"}
 DURATION = float(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = 32
 

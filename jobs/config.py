@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +18,18 @@ from jobs.secret import Secret
 from workers.retry import Backoff
 
 DEFAULT_API_BASE = "https://api.atlascloud.ai/api/v1"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("seedream-batch")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0"
+
+
+# The service sits behind Cloudflare, which refuses a library's default User-Agent (error 1010):
+# the client names itself honestly instead.
+DEFAULT_USER_AGENT = f"seedream-batch/{_version()}"
 READY_MIN, READY_MAX = 32, 256  # submits ready to go beyond the in-flight slots (`admission_window`)
 
 
@@ -25,7 +38,7 @@ class Timeouts:
     """Seconds for each phase of every HTTP call: nothing waits forever."""
 
     connect: float = 5.0
-    read: float = 30.0
+    read: float = 30.0  # a status GET can take ~25 s on the service
     write: float = 30.0
     pool: float = 10.0
 
@@ -37,6 +50,7 @@ class AtlasConfig:
     api_key: Secret = field(default_factory=lambda: Secret(""))
     api_base: str = DEFAULT_API_BASE
     balance_url: str = ""
+    user_agent: str = DEFAULT_USER_AGENT
     timeouts: Timeouts = field(default_factory=Timeouts)
     read_retry: Backoff = field(default_factory=Backoff)
     max_output_bytes: int = 64 * 1024 * 1024
@@ -49,6 +63,8 @@ class AtlasConfig:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"ATLASCLOUD_API_BASE must be an http(s) URL, got {self.api_base!r}")
         object.__setattr__(self, "api_base", self.api_base.rstrip("/"))
+        if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n"):
+            raise ConfigError(f"SEEDREAM_USER_AGENT must be one line of text, got {self.user_agent!r}")
         if not self.balance_url:
             object.__setattr__(self, "balance_url", f"{parts.scheme}://{parts.netloc}/public/v1/balance")
 
@@ -66,6 +82,7 @@ class AtlasConfig:
             "api_key": Secret(env.get("ATLASCLOUD_API_KEY", "")),
             "api_base": env.get("ATLASCLOUD_API_BASE", DEFAULT_API_BASE),
             "balance_url": env.get("ATLASCLOUD_BALANCE_URL", ""),
+            "user_agent": env.get("SEEDREAM_USER_AGENT") or DEFAULT_USER_AGENT,
         }
         if "SEEDREAM_MAX_OUTPUT_MB" in env:
             values["max_output_bytes"] = int(float(env["SEEDREAM_MAX_OUTPUT_MB"]) * 1024 * 1024)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import redis
 
+from jobs.errors import AgentRefused, AuthError
 from jobs.redisio import DEFAULT_PREFIX, translated
 
 PAYMENT = "payment_required"
 CANCELLED = "cancelled"
+AGENT = "user_agent_refused"  # the service's CDN refuses the User-Agent: set SEEDREAM_USER_AGENT
+AUTH = "auth"
+
+
+def refused_by(exc: AuthError) -> str:
+    """The halt an authentication refusal calls for: the key, or the User-Agent in front of it."""
+    return AGENT if isinstance(exc, AgentRefused) else AUTH
 
 
 class RunControl:

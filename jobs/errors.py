@@ -40,6 +40,10 @@ class AuthError(ServiceError):
     """The API key is missing, wrong, expired or lacks access: stop, retrying cannot help."""
 
 
+class AgentRefused(AuthError):
+    """The service's CDN refused this client's User-Agent (Cloudflare 1010): no request gets through."""
+
+
 class PaymentRequired(ServiceError):
     """The account's balance cannot pay for more predictions: stop all submits."""
 

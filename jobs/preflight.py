@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from jobs.budget import BudgetState
-from jobs.errors import AuthError, ServiceError
+from jobs.errors import AgentRefused, AuthError, ServiceError
 from jobs.estimate import Estimate
 from jobs.models import micros_to_usd
 from workers.atlas import AtlasClient
@@ -21,17 +22,24 @@ class Verdict:
         self.messages.append(message)
 
 
-def account_balance(client: AtlasClient) -> tuple[float | None, str | None]:
+def account_balance(client: AtlasClient) -> tuple[Decimal | None, str | None]:
     """The account's available USD, or None with a note when the service will not say."""
     try:
-        return client.balance().available, None
+        available = client.balance().available
+    except AgentRefused:
+        raise  # its message says what to set; it is not the key's fault
     except AuthError as exc:
         raise AuthError(f"the API key was refused: {exc.message}", status=exc.status) from None
     except ServiceError as exc:
         return None, f"balance unavailable ({exc.message}); going on without it"
+    if available is None:
+        return None, "the balance answer holds no amount in USD; going on without it"
+    return available, None
 
 
-def check(est: Estimate, budget: BudgetState | None, balance_usd: float | None, *, allow_partial: bool) -> Verdict:
+def check(
+    est: Estimate, budget: BudgetState | None, balance_usd: Decimal | float | None, *, allow_partial: bool
+) -> Verdict:
     verdict = Verdict()
     need = est.total_micros
     hint = "pass --allow-partial to run until it is spent (the rest are skipped)"
@@ -51,7 +59,7 @@ def check(est: Estimate, budget: BudgetState | None, balance_usd: float | None, 
             verdict.refuse(f"{text}; {hint}")
     if balance_usd is not None:
         affordable = need if remaining is None else min(need, remaining)
-        balance_micros = round(balance_usd * 1_000_000)
+        balance_micros = int((Decimal(str(balance_usd)) * 1_000_000).to_integral_value())
         if balance_micros < affordable:
             text = (
                 f"the account balance is ${micros_to_usd(balance_micros)}, less than the "

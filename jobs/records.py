@@ -145,6 +145,7 @@ class JobRecord:
     input_urls: list[str] = field(default_factory=list)
     service_outputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    nsfw: list[bool] = field(default_factory=list)  # per service output: flagged by the service (may be blank)
     price_micros: int | None = None
     cost_micros: int = 0
     attempts: int = 0
@@ -203,6 +204,7 @@ class JobRecord:
             "prediction_id": self.prediction_id,
             "service_outputs": self.service_outputs,
             "outputs": self.outputs,
+            "nsfw": self.nsfw,
             "price_micros": self.price_micros,
             "cost_micros": self.cost_micros,
             "prior_cost_micros": self.prior_cost_micros,
@@ -551,6 +553,10 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
         value = raw.get(name)
         return float(value) if value is not None and value not in ("", "null") else None
 
+    def flags(name: str) -> list[bool]:
+        value = js(name, [])
+        return [v is True for v in value] if isinstance(value, list) else []
+
     price = raw.get("price_micros")
     return JobRecord(
         run_id=run_id,
@@ -562,6 +568,7 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
         input_urls=js("input_urls", []),
         service_outputs=js("service_outputs", []),
         outputs=js("outputs", []),
+        nsfw=flags("nsfw"),
         price_micros=int(price) if price not in (None, "", "null") else None,
         cost_micros=int(raw.get("cost_micros") or 0),
         attempts=int(raw.get("attempts") or 0),

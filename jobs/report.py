@@ -26,7 +26,19 @@ ReadInput = Callable[[str, str, str | None], bytes | None]
 
 PRESIGNED_PAGE = "report-presigned.html"
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # what S3's signature (SigV4) allows
-COLUMNS = ["id", "status", "model", "prompt", "prediction_id", "outputs", "cost_usd", "attempts", "error", "history"]
+COLUMNS = [
+    "id",
+    "status",
+    "model",
+    "prompt",
+    "prediction_id",
+    "outputs",
+    "nsfw",
+    "cost_usd",
+    "attempts",
+    "error",
+    "history",
+]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -53,6 +65,11 @@ def history_text(d: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def flagged(d: dict[str, Any]) -> str:
+    """The outputs the service flagged as NSFW, by index ("0|2"): they may be blank images."""
+    return "|".join(str(i) for i, flag in enumerate(d.get("nsfw") or []) if flag is True)
+
+
 def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list[str]:
     d = rec.to_json() if isinstance(rec, JobRecord) else rec
     cost = total_cost(d)
@@ -66,6 +83,7 @@ def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list
         d["prompt"],
         d.get("prediction_id") or "",
         "|".join(d.get("outputs") or []),
+        flagged(d),
         micros_to_usd(int(cost)),
         d.get("attempts") or 0,
         error,

@@ -18,7 +18,7 @@ from typing import Any
 
 from jobs.backlog import Backlog
 from jobs.budget import Budget, ledger_key, worst_case
-from jobs.control import CANCELLED, PAYMENT, RunControl
+from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import Estimate, scan
 from jobs.models import ModelTable
@@ -365,6 +365,7 @@ class Runs:
             prediction_id="",
             service_outputs=[],
             outputs=[],
+            nsfw=[],
             record_written="0",
             charge=str(rec.charge + 1),
             history=[*rec.history, rec.ending()],
@@ -390,9 +391,9 @@ class Runs:
         token = secrets.token_hex(8)
         again: list[str] = []
         for rec in list(self.store.iter_records(run_id)):
-            stop = rec.reason in (PAYMENT, "auth", CANCELLED) or (rec.reason == "budget" and rec.error != "")
+            stop = rec.reason in (PAYMENT, AUTH, AGENT, CANCELLED) or (rec.reason == "budget" and rec.error != "")
             halted = rec.state == SKIPPED and stop
-            if (halted or (rec.state == FAILED and rec.reason == "auth")) and self._new_attempt(run_id, rec, token):
+            if (halted or (rec.state == FAILED and rec.reason == AUTH)) and self._new_attempt(run_id, rec, token):
                 again.append(rec.id)
         self._enqueue_again(run_id, again, admit)
         return lifted, len(again)
@@ -524,6 +525,7 @@ class Runs:
                     "prediction_id": rec.get("prediction_id") or "",
                     "outputs": rec.get("outputs") or [],
                     "service_outputs": rec.get("service_outputs") or [],
+                    "nsfw": rec.get("nsfw") or [],
                     "error": rec.get("error") or "",
                     "reason": rec.get("reason") or "",
                     "attempts": int(rec.get("attempts") or 0),

@@ -47,6 +47,13 @@ SETTINGS: tuple[Setting, ...] = (
     S("api_key", "ATLASCLOUD_API_KEY", str, "", "the Atlas Cloud API key", secret=True),
     S("api_base", "ATLASCLOUD_API_BASE", str, "https://api.atlascloud.ai/api/v1", "the service's API base URL"),
     S("balance_url", "ATLASCLOUD_BALANCE_URL", str, "", "the balance endpoint (default: derived from api_base)"),
+    S(
+        "user_agent",
+        "SEEDREAM_USER_AGENT",
+        str,
+        "",
+        "the User-Agent of every HTTP call (default: seedream-batch/<version>)",
+    ),
     S("http_timeout", "SEEDREAM_HTTP_TIMEOUT", float, "30", "read/write timeout of every HTTP call, seconds"),
     S("max_output_mb", "SEEDREAM_MAX_OUTPUT_MB", float, "64", "an output larger than this is cut off; the job fails"),
     S("models_file", "SEEDREAM_MODELS_FILE", str, "", "JSON file overriding model prices and limits"),

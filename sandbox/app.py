@@ -9,15 +9,17 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sandbox.catalogue import models_payload
 from sandbox.render import render
@@ -70,22 +72,54 @@ async def _endless(service: Service, head: bytes) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
 
 
-def _envelope(service: Service, data: Any, status: int = 200, message: str = "success") -> JSONResponse:
-    if status == 200 and service.bare():
+def _envelope(service: Service, data: Any) -> JSONResponse:
+    if service.bare():
         return JSONResponse(data)
-    return JSONResponse({"code": status, "message": message, "data": data}, status_code=status)
+    return JSONResponse({"code": service.code(200), "message": "success", "data": data})
 
 
-def _error(exc: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return JSONResponse(
-        {"code": exc.status, "message": exc.message, "data": None}, status_code=exc.status, headers=headers
-    )
+def _money(micros: int) -> dict[str, str]:
+    return {"value": f"{micros / 1_000_000:.6f}", "currency": "usd"}
+
+
+# The User-Agents Cloudflare's browser integrity check refuses in front of the service: a
+# library's default, or none at all (atlas-api.md, "User-Agent").
+LIBRARY_AGENTS = ("python-httpx/", "python-requests/", "python-urllib/", "curl/", "go-http-client", "aiohttp")
+API_PREFIXES = ("/api/", "/public/")
+
+
+def refused_agent(agent: str) -> bool:
+    agent = agent.strip().lower()
+    return not agent or agent.startswith(LIBRARY_AGENTS) or "aiohttp" in agent
+
+
+class CloudflareCheck:
+    """In front of every API route, as the CDN is: the admin area and served files pass."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/_sandbox/"):
+            await self.app(scope, receive, send)
+            return
+        agent = dict(scope["headers"]).get(b"user-agent", b"").decode("latin-1")
+        self.service.user_agents[agent[:200]] += 1
+        checked = scope["path"].startswith(API_PREFIXES) and self.service.settings.check_user_agent
+        if checked and refused_agent(agent):
+            self.service.counts["refused_user_agent"] += 1
+            await Response("error code: 1010", status_code=403, media_type="text/plain")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: SandboxSettings | None = None) -> Starlette:
     service = Service(settings or SandboxSettings())
     rendered: dict[tuple[str, int], bytes] = {}
+
+    def _error(exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse(service.error_body(exc.status, exc.message), status_code=exc.status, headers=headers)
 
     def base(request: Request) -> str:
         return str(request.base_url).rstrip("/")
@@ -119,6 +153,11 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             key = service.authenticate(request.headers.get("authorization"))
             service.inject_call_faults("poll")
             pred = owned(request, key)
+            if service.settings.poll_latency > 0:
+                await asyncio.sleep(service.settings.poll_latency)
+            if service.warming_up(pred):
+                service.counts["warmup_404"] += 1
+                raise ApiError(404, "prediction not found")
         except ApiError as exc:
             return _error(exc)
         pred.polls += 1
@@ -126,7 +165,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             pred.seen_final_at = time.time()
         view = service.view(pred, base(request))
         if pred.final and pred.outcome == "failed_5xx":
-            return JSONResponse({"code": 500, "message": "prediction failed", "data": view}, status_code=500)
+            return JSONResponse(service.error_body(500, "prediction failed", view), status_code=500)
         return _envelope(service, view)
 
     async def upload(request: Request) -> Response:
@@ -238,9 +277,22 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             key = service.authenticate(request.headers.get("authorization"))
         except ApiError as exc:
             return _error(exc)
-        available = service.available_micros(key) / 1_000_000
-        frozen = service.frozen_micros[key] / 1_000_000
-        return _envelope(service, {"available": available, "cash": available, "bonus": 0, "frozen": frozen})
+        cash, frozen = service.available_micros(key), service.frozen_micros[key]
+        if service.chance(service.settings.faults.enveloped_balance):
+            old = {"available": cash / 1_000_000, "cash": cash / 1_000_000, "bonus": 0, "frozen": frozen / 1_000_000}
+            return JSONResponse({"code": 200, "message": "success", "data": old})
+        return JSONResponse(
+            {
+                "object": "balance",
+                "scope": "account",
+                "account": {"id": "acct_sandbox", "name": "sandbox", "type": "personal"},
+                "available": _money(cash - frozen),
+                "cash": _money(cash),
+                "bonus": _money(0),
+                "frozen": _money(frozen),
+                "request_id": uuid.uuid4().hex,
+            }
+        )
 
     # -- admin (tests only; not part of the API) --------------------------------------------
 
@@ -293,6 +345,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
                 "fingerprint": pred.fingerprint,
                 "billable": pred.billable,
                 "output_faults": pred.output_faults,
+                "nsfw": pred.nsfw,
                 "outcome": pred.outcome,
             }
         )
@@ -324,6 +377,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             Route("/_sandbox/timeline", admin_timeline, methods=["GET"]),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(CloudflareCheck, service=service)],
     )
     app.state.service = service
     return app

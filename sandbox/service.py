@@ -23,7 +23,7 @@ import httpx
 from PIL import Image
 
 from sandbox.catalogue import CATALOGUE, ServiceModel, check_size
-from sandbox.settings import SandboxSettings, draw_delay
+from sandbox.settings import FAILED, RUNNING, SUCCEEDED, SandboxSettings, draw_delay
 
 MAX_INPUT_BYTES = 10 * 1024 * 1024
 KNOWN_PARAMS = {
@@ -62,9 +62,10 @@ class SandboxPrediction:
     created: float
     delay: float
     outcome: str  # success | failed | failed_5xx | timeout
-    spelling: str
-    omit_price: bool
-    in_progress_label: str
+    spelling: str  # the final status it will show, from the set its outcome belongs to
+    send_price: bool
+    running_offset: int  # where in RUNNING its in-progress spellings start
+    nsfw: list[bool]  # per output: flagged by the service's content check
     output_faults: list[str | None]
     status: str = "created"
     final: bool = False
@@ -78,7 +79,11 @@ class SandboxPrediction:
 
     @property
     def billable(self) -> bool:
-        return self.final and self.status in ("completed", "succeeded")
+        return self.final and self.status in SUCCEEDED
+
+    def running_status(self, fixed: str) -> str:
+        """The in-progress spelling of this poll: the same sequence for the same seed."""
+        return fixed or RUNNING[(self.running_offset + self.polls) % len(RUNNING)]
 
 
 class TokenBucket:
@@ -118,6 +123,7 @@ class Service:
         self.prompts_posted: collections.Counter[str] = collections.Counter()
         self.unanswered: set[str] = set()  # predictions created whose submit answer was dropped
         self.uploads_by_sha: collections.Counter[str] = collections.Counter()
+        self.user_agents: collections.Counter[str] = collections.Counter()  # every request but the admin area's
         self.peak_submit_rate = 0
         self.peak_in_flight = 0
         self.tasks: set[asyncio.Task[None]] = set()
@@ -149,6 +155,21 @@ class Service:
 
     def bare(self) -> bool:
         return self.chance(self.settings.faults.bare_shape)
+
+    def code(self, status: int) -> int | str:
+        """The envelope's `code`: the service sends it as a string."""
+        return status if self.chance(self.settings.faults.numeric_code) else str(status)
+
+    def error_body(self, status: int, message: str, data: Any = None) -> dict[str, Any]:
+        """An error answer: the text in `msg` (the first place the service's clients look), or
+        the old `{code: <number>, message}` shape under its fault."""
+        if self.chance(self.settings.faults.message_errors):
+            return {"code": status, "message": message, "data": data}
+        return {"code": self.code(status), "msg": message, "data": data}
+
+    def warming_up(self, pred: SandboxPrediction) -> bool:
+        """Right after a submit the service does not know its own prediction yet."""
+        return time.time() - pred.created < self.settings.warmup_seconds
 
     def available_micros(self, key: str) -> int:
         return int(self.settings.balance_usd * 1_000_000) - self.spent_micros[key]
@@ -227,6 +248,18 @@ class Service:
                 outcome = name
                 break
             roll -= rate
+        forced = self.settings.final_status
+        if forced:
+            outcome = "success" if forced in SUCCEEDED else "timeout" if forced == "timeout" else "failed"
+            spelling = forced
+        elif outcome == "success":
+            spelling = "succeeded" if rng.random() < f.succeeded_spelling else rng.choice(SUCCEEDED)
+        elif outcome == "timeout":
+            spelling = "timeout"
+        elif outcome == "failed_5xx":
+            spelling = "failed"
+        else:
+            spelling = rng.choice(FAILED[:-1])
         n = 0 if f.no_outputs and rng.random() < f.no_outputs else int(params.get("max_images", 1))
         out_faults: list[str | None] = []
         for _ in range(n):
@@ -249,9 +282,10 @@ class Service:
             created=time.time(),
             delay=draw_delay(self.settings.delay, rng),
             outcome=outcome,
-            spelling="succeeded" if rng.random() < f.succeeded_spelling else "completed",
-            omit_price=rng.random() < f.omit_price,
-            in_progress_label=rng.choice(("queued", "starting", "processing")),
+            spelling=spelling,
+            send_price=rng.random() < f.send_price,
+            running_offset=rng.randrange(len(RUNNING)),
+            nsfw=[f.nsfw > 0 and rng.random() < f.nsfw for _ in range(n)],
             output_faults=out_faults,
         )
         self.counts["created"] += 1
@@ -284,7 +318,7 @@ class Service:
         fp_source.update(model=pred.model.id, inputs=hashes)
         pred.fingerprint = hashlib.sha256(json.dumps(fp_source, sort_keys=True, default=str).encode()).hexdigest()
         self.by_fingerprint[pred.fingerprint] += 1
-        pred.status = pred.in_progress_label
+        pred.status = "running"
         remaining = pred.delay - (time.monotonic() - started)
         if remaining > 0:
             await asyncio.sleep(remaining)
@@ -324,9 +358,9 @@ class Service:
         if error is not None:
             pred.status, pred.error = "failed", error
         elif pred.outcome in ("failed", "failed_5xx"):
-            pred.status, pred.error = "failed", "the model could not process this request (injected)"
+            pred.status, pred.error = pred.spelling, "the model could not process this request (injected)"
         elif pred.outcome == "timeout":
-            pred.status, pred.error = "timeout", "prediction timed out (injected)"
+            pred.status, pred.error = pred.spelling, "prediction timed out (injected)"
         else:
             pred.status = pred.spelling
         if pred.billable:
@@ -341,7 +375,7 @@ class Service:
         out: dict[str, Any] = {
             "id": pred.id,
             "model": pred.model.id,
-            "status": pred.status,
+            "status": pred.status if pred.final else pred.running_status(self.settings.running_status),
             "outputs": [],
             "error": None,
             "created_at": _iso(pred.created),
@@ -353,7 +387,8 @@ class Service:
             out["latency_ms"] = int(((pred.completed or pred.created) - pred.created) * 1000)
         if pred.billable:
             out["outputs"] = [output_url(base, pred.id, i, pred.output_faults[i]) for i in range(pred.n_outputs)]
-            if not pred.omit_price:
+            out["has_nsfw_contents"] = list(pred.nsfw)
+            if pred.send_price:
                 out["price"] = pred.model.price_micros / 1_000_000
         if pred.error:
             out["error"] = {"message": pred.error} if pred.outcome == "failed_5xx" else pred.error
@@ -397,6 +432,7 @@ class Service:
             "rejected_rate": self.counts["rejected_rate"],
             "rejected_in_flight": self.counts["rejected_in_flight"],
             "polls": self.counts["polls"],
+            "user_agents": dict(self.user_agents),
             "counts": dict(self.counts),
         }
 

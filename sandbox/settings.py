@@ -11,6 +11,11 @@ import random
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+# Every status spelling the service's own clients accept (atlas-api.md, "Prediction").
+RUNNING = ("created", "pending", "starting", "queued", "processing", "running")
+SUCCEEDED = ("completed", "succeeded", "success")
+FAILED = ("failed", "error", "canceled", "cancelled", "timeout")
+
 
 @dataclass
 class Faults:
@@ -30,9 +35,13 @@ class Faults:
     output_redirect_loop: float = 0.0  # an output URL redirects to the next one, forever
     output_endless: float = 0.0  # an output is an image/jpeg stream with no length that never ends
     bare_shape: float = 0.0  # an answer comes without the {code, message, data} envelope
-    succeeded_spelling: float = 0.0  # a finished prediction says `succeeded`, not `completed`
-    omit_price: float = 0.0  # a finished prediction carries no `price` field
+    succeeded_spelling: float = 0.0  # a finished prediction says `succeeded`, whatever spelling was drawn
+    send_price: float = 0.0  # a finished prediction carries a `price` field (the service sends none)
+    numeric_code: float = 0.0  # an envelope's `code` is the number 200 (or the error's status), not a string
+    message_errors: float = 0.0  # an error body puts its text in `message` with a numeric code (the old shape)
+    enveloped_balance: float = 0.0  # the balance answers `{code, message, data: {available: <number>, ...}}`
     no_outputs: float = 0.0  # a prediction completes, is billed, and lists no outputs
+    nsfw: float = 0.0  # an output is flagged in `has_nsfw_contents`
 
 
 @dataclass
@@ -47,6 +56,11 @@ class SandboxSettings:
     balance_usd: float = 10_000.0
     api_keys: list[str] = field(default_factory=list)  # empty: any non-empty key is accepted
     max_upload_bytes: int = 10 * 1024 * 1024
+    warmup_seconds: float = 2.0  # a prediction's polls answer 404 this long after its submit
+    check_user_agent: bool = True  # refuse a library's default User-Agent as Cloudflare does (error 1010)
+    poll_latency: float = 0.0  # seconds every status GET takes to answer (the service's take up to ~25)
+    running_status: str = ""  # every in-progress answer uses this spelling; "" cycles through them all
+    final_status: str = ""  # every prediction ends with this spelling (its outcome to match); "" draws one
     faults: Faults = field(default_factory=Faults)
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,6 +85,10 @@ class SandboxSettings:
                 current = getattr(self, name)
                 setattr(self, name, type(current)(value) if not isinstance(current, list) else list(value))
         parse_delay(self.delay)  # refuse a bad spec now, not at the next submit
+        if self.running_status not in ("", *RUNNING):
+            raise ValueError(f"running_status must be one of {', '.join(RUNNING)}")
+        if self.final_status not in ("", *SUCCEEDED, *FAILED):
+            raise ValueError(f"final_status must be one of {', '.join(SUCCEEDED + FAILED)}")
 
     @property
     def burst(self) -> float:

@@ -25,7 +25,7 @@ def submit_through_limiter(
     limiter = RateLimiter(r, "key", Limits(submit_rate=rate, submit_burst=1), prefix=prefix)
     sent = rejected = 0
     stop = time.monotonic() + seconds
-    with httpx.Client(headers={"Authorization": "Bearer k"}, timeout=10) as http:
+    with httpx.Client(headers={"Authorization": "Bearer k", "User-Agent": "seedream-batch-tests"}, timeout=10) as http:
         while time.monotonic() < stop:
             grant = limiter.acquire("submit")
             if not grant.go:
@@ -47,7 +47,7 @@ def budget_worker(redis_url: str, prefix: str, api_base: str, image_url: str, pr
     r = connect(redis_url)
     budget = Budget(r, "campaign", prefix=prefix)
     mine = f"{prefix}:processing:{os.getpid()}"
-    with httpx.Client(headers={"Authorization": "Bearer k"}, timeout=10) as http:
+    with httpx.Client(headers={"Authorization": "Bearer k", "User-Agent": "seedream-batch-tests"}, timeout=10) as http:
         while True:
             job = r.lmove(f"{prefix}:jobs", mine, "LEFT", "RIGHT")
             if job is None:

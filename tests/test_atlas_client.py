@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
+from decimal import Decimal
 
 import pytest
 
-from jobs.config import Timeouts
+from jobs.config import DEFAULT_USER_AGENT, Timeouts
 from jobs.errors import (
+    AgentRefused,
     AuthError,
     BadOutput,
     BadRequest,
@@ -19,6 +22,7 @@ from jobs.errors import (
 )
 from jobs.images import NotAnImage, inspect
 from sandbox.server import SandboxProcess
+from sandbox.settings import FAILED, RUNNING, SUCCEEDED
 from tests.conftest import API_KEY, make_client
 from tests.helpers import image_bytes, wait_for
 from workers.atlas import AtlasClient
@@ -33,8 +37,27 @@ def submit_one(client: AtlasClient, prompt: str = "same product on white marble"
     return client.submit(V4, {"prompt": prompt, "images": [url], **params}).id
 
 
+_FIRST_404: dict[str, float] = {}
+
+
+def answered(client: AtlasClient, pid: str, grace: float = 10.0) -> Prediction | None:
+    """One poll; None while the service still answers 404 for a prediction it just accepted
+    (its warm-up), as the job state machine reads it."""
+    try:
+        return client.get_prediction(pid)
+    except NotFound:
+        if time.monotonic() - _FIRST_404.setdefault(pid, time.monotonic()) > grace:
+            raise
+        return None
+
+
+def known(client: AtlasClient, pid: str) -> Prediction:
+    """The first answer past the warm-up."""
+    return wait_for(lambda: answered(client, pid), what=f"prediction {pid} past its warm-up")
+
+
 def finished(client: AtlasClient, pid: str) -> Prediction:
-    return wait_for(lambda: (p := client.get_prediction(pid)).done and p, what=f"prediction {pid}")
+    return wait_for(lambda: (p := answered(client, pid)) is not None and p.done and p, what=f"prediction {pid}")
 
 
 def test_round_trip_gives_an_image_of_the_requested_size(client: AtlasClient, sandbox: SandboxProcess) -> None:
@@ -42,8 +65,9 @@ def test_round_trip_gives_an_image_of_the_requested_size(client: AtlasClient, sa
     assert url.endswith("/sku-001.png")  # the extension is kept: the service classifies by it
     sub = client.submit(V45, {"prompt": "same product on white marble", "images": [url], "size": "2048*2048"})
     pred = finished(client, sub.id)
-    assert pred.state is State.SUCCEEDED and pred.status == "completed"
-    assert pred.price_micros == 36_000
+    assert pred.state is State.SUCCEEDED and pred.status in SUCCEEDED
+    assert pred.price_micros is None  # the service sends no price on a prediction
+    assert pred.nsfw == (False,)
     assert len(pred.outputs) == 1
     info = inspect(client.download(pred.outputs[0]).content)
     assert (info.format, info.width, info.height) == ("JPEG", 2048, 2048)
@@ -112,6 +136,7 @@ def test_plain_5xx_on_poll_is_retried_then_transient(client: AtlasClient, sandbo
 
 def test_intermittent_5xx_and_429_on_poll_are_ridden_out(client: AtlasClient, sandbox: SandboxProcess) -> None:
     pid = submit_one(client)
+    known(client, pid)
     sandbox.configure(seed=3, faults={"server_error": 0.3, "rate_limited": 0.2}, fault_retry_after=0)
     for _ in range(10):
         assert client.get_prediction(pid).id == pid
@@ -128,6 +153,7 @@ def test_5xx_carrying_a_failed_verdict_is_an_answer_not_an_outage(client: AtlasC
     sandbox.configure(faults={"failed_5xx": 1.0})
     pid = submit_one(client)
     wait_for(lambda: sandbox.admin("GET", f"predictions/{pid}")["final"], what="final")
+    time.sleep(sandbox.configure()["warmup_seconds"])
     polls_before = sandbox.accounting()["polls"]
     pred = client.get_prediction(pid)
     assert pred.state is State.FAILED
@@ -154,7 +180,7 @@ def test_dropped_submit_answer_is_outcome_unknown_and_the_service_billed_it(
     assert acc["billed_count"] == 1 and acc["billed_micros"] == 27_000
     # history is how the lost prediction can be found again
     items = client.history(model=V4)["items"]
-    assert len(items) == 1 and items[0]["status"] == "completed"
+    assert len(items) == 1 and items[0]["status"] in SUCCEEDED
 
 
 def test_output_404_is_not_found(client: AtlasClient, sandbox: SandboxProcess) -> None:
@@ -239,9 +265,73 @@ def test_succeeded_spelling_is_success(client: AtlasClient, sandbox: SandboxProc
     assert (pred.state, pred.status) == (State.SUCCEEDED, "succeeded")
 
 
-def test_missing_price_is_none(client: AtlasClient, sandbox: SandboxProcess) -> None:
-    sandbox.configure(faults={"omit_price": 1.0})
-    assert finished(client, submit_one(client)).price_micros is None
+def test_a_price_is_read_only_where_one_is_sent(client: AtlasClient, sandbox: SandboxProcess) -> None:
+    assert finished(client, submit_one(client, "no price")).price_micros is None
+    sandbox.configure(faults={"send_price": 1.0})
+    assert finished(client, submit_one(client, "priced")).price_micros == 27_000
+
+
+@pytest.mark.parametrize("spelling", RUNNING)
+def test_every_running_spelling_is_still_running(client: AtlasClient, sandbox: SandboxProcess, spelling: str) -> None:
+    sandbox.configure(delay="fixed:30", running_status=spelling)
+    pred = known(client, submit_one(client))
+    assert (pred.state, pred.status, pred.done, pred.outputs) == (State.RUNNING, spelling, False, ())
+
+
+@pytest.mark.parametrize("spelling", SUCCEEDED + FAILED)
+def test_every_final_spelling_ends_right(client: AtlasClient, sandbox: SandboxProcess, spelling: str) -> None:
+    sandbox.configure(final_status=spelling)
+    pred = finished(client, submit_one(client))
+    assert pred.status == spelling
+    acc = sandbox.accounting()
+    if spelling in SUCCEEDED:
+        assert pred.state is State.SUCCEEDED and len(pred.outputs) == 1 and acc["billed_count"] == 1
+    else:
+        assert pred.state is State.FAILED and pred.error and not pred.outputs and acc["billed_count"] == 0
+
+
+def test_a_poll_404_during_the_warm_up_is_not_found_and_asked_once(
+    client: AtlasClient, sandbox: SandboxProcess
+) -> None:
+    """Not retried here, not read as anything else: the job state machine decides what a 404 this
+    soon after the submit means (still starting, within SEEDREAM_WARMUP_GRACE)."""
+    sandbox.configure(warmup_seconds=30)
+    pid = submit_one(client)
+    with pytest.raises(NotFound):
+        client.get_prediction(pid)
+    assert sandbox.accounting()["polls"] == 1
+
+
+def test_every_request_names_the_product(client: AtlasClient, sandbox: SandboxProcess) -> None:
+    assert DEFAULT_USER_AGENT.startswith("seedream-batch/")
+    pred = finished(client, submit_one(client))
+    client.download(pred.outputs[0])
+    client.balance()
+    client.models()
+    assert set(sandbox.accounting()["user_agents"]) == {DEFAULT_USER_AGENT}
+
+
+@pytest.mark.parametrize("agent", ["python-httpx/0.28.1", "curl/8.5.0"])
+def test_a_cdn_refusal_of_the_user_agent_says_what_to_set(sandbox: SandboxProcess, agent: str) -> None:
+    with make_client(sandbox, user_agent=agent) as c:
+        calls = [
+            c.balance,
+            c.models,
+            lambda: c.upload("a.png", image_bytes(), "image/png"),
+            lambda: c.submit(V4, {"prompt": "x", "images": [f"{sandbox.url}/files/uploads/x/a.png"]}),
+            lambda: c.get_prediction("0123456789abcdef"),
+        ]
+        for call in calls:
+            with pytest.raises(AgentRefused) as info:
+                call()
+            text = str(info.value)
+            assert "Cloudflare, error 1010" in text and f"User-Agent {agent!r}" in text
+            assert "set SEEDREAM_USER_AGENT" in text and isinstance(info.value, AuthError)
+    acc = sandbox.accounting()
+    assert acc["counts"]["refused_user_agent"] == len(calls)  # refusals are not retried
+    assert acc["submit_calls"] == 0
+    with make_client(sandbox, user_agent="my-shop-pipeline/2.0") as c:
+        assert c.balance().available is not None
 
 
 def test_insufficient_balance_is_payment_required(client: AtlasClient, sandbox: SandboxProcess) -> None:
@@ -288,7 +378,15 @@ def test_models_history_and_balance(client: AtlasClient, sandbox: SandboxProcess
     finished(client, pid)
     page = client.history(session_id=pid)
     assert page["total"] == 1 and page["items"][0]["ID"] == pid
-    assert client.balance().available == pytest.approx(10_000 - 0.027)
+    assert client.balance().available == Decimal("9999.973")
+
+
+def test_balance_reads_the_service_shape_and_the_old_one(client: AtlasClient, sandbox: SandboxProcess) -> None:
+    sandbox.reset(balance_usd=0.1)
+    balance = client.balance()
+    assert balance.available == Decimal("0.100000") and balance.raw["object"] == "balance"
+    sandbox.configure(faults={"enveloped_balance": 1.0})
+    assert client.balance().available == Decimal("0.1")
 
 
 def test_api_key_never_appears_in_reprs_errors_or_logs(

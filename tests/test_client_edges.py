@@ -6,12 +6,14 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from decimal import Decimal
 
 import httpx
 import pytest
 
 from jobs.config import AtlasConfig
 from jobs.errors import (
+    AgentRefused,
     AuthError,
     BadOutput,
     InvalidResponse,
@@ -85,6 +87,41 @@ def test_envelope_code_overrides_http_200() -> None:
     c = client_for(lambda r: httpx.Response(200, json={"code": 401, "message": "token expired", "data": None}))
     with pytest.raises(AuthError, match="token expired"):
         c.get_prediction("p1")
+
+
+def test_a_string_envelope_code_counts_and_msg_is_read_first() -> None:
+    body = {"code": "401", "msg": "token expired", "message": "error", "data": None}
+    c = client_for(lambda r: httpx.Response(200, json=body))
+    with pytest.raises(AuthError, match="token expired"):
+        c.get_prediction("p1")
+
+
+def test_a_cloudflare_1010_on_a_submit_is_the_user_agent_and_nothing_was_created() -> None:
+    page = "error code: 1010"
+    c = client_for(lambda r: httpx.Response(403, text=page, headers={"content-type": "text/plain"}))
+    with pytest.raises(AgentRefused, match="User-Agent 'seedream-batch/"):
+        c.submit("m", {"prompt": "x", "images": ["https://x/a.png"]})
+    plain = client_for(lambda r: httpx.Response(403, json={"code": "403", "msg": "forbidden"}))
+    with pytest.raises(AuthError, match="forbidden") as info:
+        plain.submit("m", {"prompt": "x", "images": ["https://x/a.png"]})
+    assert not isinstance(info.value, AgentRefused)  # a plain 403 is the key's
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [
+        ({"value": "0.100000", "currency": "usd"}, Decimal("0.1")),
+        ({"value": "0.1", "currency": "USD"}, Decimal("0.1")),
+        ({"value": "5", "currency": "cny"}, None),
+        ({"value": "NaN", "currency": "usd"}, None),
+        ({"value": "lots", "currency": "usd"}, None),
+        (0.1, Decimal("0.1")),
+        (True, None),
+    ],
+)
+def test_balance_amounts_are_read_exactly_or_not_at_all(available: object, expected: Decimal | None) -> None:
+    c = client_for(lambda r: httpx.Response(200, json={"object": "balance", "available": available}))
+    assert c.balance().available == expected
 
 
 def test_insufficient_balance_message_on_400_is_payment_required() -> None:

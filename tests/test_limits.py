@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -258,7 +259,7 @@ def test_preflight_compares_with_the_balance_the_service_reports(sandbox: Sandbo
     sandbox.reset(balance_usd=0.10)
     with make_client(sandbox) as client:
         balance, note = account_balance(client)
-    assert balance == pytest.approx(0.10) and note is None
+    assert balance == Decimal("0.100000") and note is None  # read exactly, never through a float
     verdict = check(Estimate(jobs=5, total_micros=135_000), None, balance, allow_partial=False)
     assert not verdict.ok and "balance is $0.10" in verdict.messages[0]
 

@@ -206,8 +206,9 @@ def test_a_row_that_can_yield_several_images_reserves_them_all(pipe: Pipeline) -
 
 def test_a_price_above_the_reservation_stops_the_budget_and_says_so(pipe: Pipeline) -> None:
     """The service charges more than the price the run reserved (a price change): the first
-    settlement above its reservation stops every further submit of the budget."""
-    pipe.sandbox.configure(delay="fixed:0.3")
+    settlement above its reservation stops every further submit of the budget. The charge is
+    the one a prediction states: the service sends none by default, its fault does."""
+    pipe.sandbox.configure(delay="fixed:0.3", faults={"send_price": 1.0})
     prices = pipe.tmp / "models.json"
     prices.write_text(json.dumps({"bytedance/seedream-v4/edit": {"price_usd": 0.01}}))
     pipe.extra_env.update(

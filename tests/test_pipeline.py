@@ -101,7 +101,9 @@ def test_every_fault_at_once_still_ends_with_the_right_statuses(pipe: Pipeline) 
             "output_corrupt": 0.05,
             "bare_shape": 0.2,
             "succeeded_spelling": 0.3,
-            "omit_price": 0.2,
+            "send_price": 0.2,
+            "numeric_code": 0.3,
+            "message_errors": 0.3,
         },
     )
     manifest, _ = catalog(pipe.tmp, pipe.sandbox, 40)
@@ -287,3 +289,95 @@ def test_an_upload_claimed_by_a_host_that_vanished_is_taken_over(pipe: Pipeline,
     took = time.monotonic() - began
     assert UPLOAD_WAIT <= took < 60, took
     assert pipe.sandbox.accounting()["uploads"] == 1  # taken over once, then shared again
+
+
+def _rows(tmp: Path, n: int, model: str = V4) -> Path:
+    (tmp / "a.png").write_bytes(image_bytes())
+    return write_manifest(tmp, [{"id": f"r{i}", "prompt": f"on white marble {i}", "images": ["a.png"], "model": model}
+                                for i in range(n)])  # fmt: skip
+
+
+def test_the_services_default_contract_with_warm_up_404s_leaves_nothing_uncertain(pipe: Pipeline) -> None:
+    """String codes, every status spelling, no price on predictions, an unenveloped balance, the
+    User-Agent check, and polls that answer 404 for seconds after each submit: all by default."""
+    pipe.sandbox.configure(warmup_seconds=3.0, delay="uniform:0.2:1.0", faults={"nsfw": 0.5})
+    defaults = pipe.sandbox.configure()
+    assert defaults["check_user_agent"] and defaults["faults"]["send_price"] == 0
+    pipe.start_workers(2)
+    done = pipe.cli("run", str(_rows(pipe.tmp, 8)), "--output", str(pipe.tmp / "out"), "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = run_id_of(done.stdout)
+    acc = pipe.sandbox.accounting()
+    assert acc["counts"]["warmup_404"] >= 8 and acc["created"] == acc["billed_count"] == 8
+    report = read_report((pipe.tmp / "out" / run_id / "report.csv").read_bytes())
+    assert {r["status"] for r in report} == {"succeeded"}  # none uncertain, none overdue
+    assert sum(round(float(r["cost_usd"]) * 1_000_000) for r in report) == acc["billed_micros"] == 8 * PRICES[V4]
+    for row in report:
+        flags = pipe.sandbox.admin("GET", f"predictions/{row['prediction_id']}")["nsfw"]
+        assert row["nsfw"] == "|".join(str(i) for i, f in enumerate(flags) if f)
+        record = json.loads((pipe.tmp / "out" / run_id / "records" / f"{row['id']}.json").read_text())
+        assert record["nsfw"] == flags
+    assert any(r["nsfw"] == "0" for r in report) and any(r["nsfw"] == "" for r in report)
+
+
+def test_a_balance_short_of_the_run_refuses_it_before_any_submit(pipe: Pipeline) -> None:
+    pipe.sandbox.reset(balance_usd=0.10)
+    headers = {"Authorization": f"Bearer {API_KEY}", "User-Agent": "seedream-batch-tests/1"}
+    answer = httpx.get(f"{pipe.sandbox.url}/public/v1/balance", headers=headers, timeout=5)
+    assert answer.json()["available"] == {"value": "0.100000", "currency": "usd"}  # the service's shape
+    done = pipe.cli("run", str(_rows(pipe.tmp, 9)), "--output", str(pipe.tmp / "out"), "--no-wait")
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "the account balance is $0.10, less than the $0.243 this run may spend" in done.stderr
+    acc = pipe.sandbox.accounting()
+    assert acc["created"] == 0 and acc["submit_calls"] == 0
+
+
+def test_a_refused_user_agent_is_named_in_the_cli_status_and_report(pipe: Pipeline) -> None:
+    manifest = _rows(pipe.tmp, 3)
+    pipe.extra_env["SEEDREAM_USER_AGENT"] = "python-requests/2.32.3"
+    refused = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "o1"), "--no-wait")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert (
+        "error: balance: the service's CDN (Cloudflare, error 1010) refused this client's User-Agent " in refused.stderr
+    )
+    assert "'python-requests/2.32.3'; set SEEDREAM_USER_AGENT to another value" in refused.stderr
+    assert "API key" not in refused.stderr
+    pipe.start_workers(1)  # workers whose User-Agent the CDN refuses, under a run the CLI could start
+    del pipe.extra_env["SEEDREAM_USER_AGENT"]
+    done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "o2"), "--wait")
+    assert done.returncode == 3, done.stdout + done.stderr
+    run_id = run_id_of(done.stdout)
+    status = json.loads(pipe.cli("status", run_id, "--json").stdout)
+    assert status["halted"] == "user_agent_refused"
+    report = read_report((pipe.tmp / "o2" / run_id / "report.csv").read_bytes())
+    assert {r["status"] for r in report} <= {"failed", "skipped"}
+    assert all("SEEDREAM_USER_AGENT" in r["error"] or r["error"] == "user_agent_refused" for r in report), report
+    assert any("Cloudflare, error 1010" in r["error"] for r in report)
+    assert pipe.sandbox.accounting()["created"] == 0
+
+
+def test_the_old_shapes_still_pass_through_their_faults(pipe: Pipeline) -> None:
+    """Numeric codes, errors in `message`, a price on each prediction, the enveloped numeric
+    balance, no warm-up and any User-Agent: the shapes the sandbox sent before."""
+    pipe.sandbox.configure(
+        warmup_seconds=0,
+        check_user_agent=False,
+        delay="uniform:0.1:0.4",
+        fault_retry_after=0,
+        faults={"numeric_code": 1.0, "message_errors": 1.0, "send_price": 1.0, "enveloped_balance": 1.0,
+                "succeeded_spelling": 1.0, "failed": 0.3, "rate_limited": 0.05},
+    )  # fmt: skip
+    pipe.start_workers(1)
+    done = pipe.cli("run", str(_rows(pipe.tmp, 8, V45)), "--output", str(pipe.tmp / "out"), "--wait")
+    assert done.returncode in (0, 3), done.stdout + done.stderr
+    run_id = run_id_of(done.stdout)
+    report = read_report((pipe.tmp / "out" / run_id / "report.csv").read_bytes())
+    acc = pipe.sandbox.accounting()
+    assert acc["by_status"].get("succeeded", 0) == acc["billed_count"] >= 1
+    for row in report:
+        truth = pipe.sandbox.admin("GET", f"predictions/{row['prediction_id']}")
+        if truth["billable"]:
+            assert row["status"] == "succeeded" and row["cost_usd"] == "0.036", row
+        else:
+            assert row["status"] == "failed" and row["cost_usd"] == "0.00" and "could not process" in row["error"]
+    assert sum(round(float(r["cost_usd"]) * 1_000_000) for r in report) == acc["billed_micros"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import AtlasConfig, Limits
+from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits
 from jobs.errors import ConfigError
 from jobs.settings import BY_NAME, SETTINGS, apply, mask
 from tests.pipeline import EXE
@@ -124,3 +124,11 @@ def test_secrets_show_only_that_they_are_set() -> None:
     assert mask(BY_NAME["broker_url"], "redis://user:pw@h:1/2") == "redis://***@h:1/2"
     assert mask(BY_NAME["notify_url"], "https://h.example/T/B/token") == "https://h.example/***"
     assert mask(BY_NAME["queue"], "q") == "q"
+
+
+def test_the_user_agent_is_the_products_unless_set() -> None:
+    assert AtlasConfig.from_env({}).user_agent == DEFAULT_USER_AGENT
+    assert DEFAULT_USER_AGENT.split("/")[0] == "seedream-batch" and DEFAULT_USER_AGENT.split("/")[1]
+    assert AtlasConfig.from_env({"SEEDREAM_USER_AGENT": "my-shop/2.0"}).user_agent == "my-shop/2.0"
+    with pytest.raises(ConfigError, match="one line"):
+        AtlasConfig.from_env({"SEEDREAM_USER_AGENT": "a\r\nX-Injected: 1"})

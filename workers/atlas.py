@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 import httpx
 
 from jobs.config import AtlasConfig
 from jobs.errors import (
+    AgentRefused,
     AuthError,
     BadOutput,
     BadRequest,
@@ -64,8 +66,30 @@ class Downloaded:
 
 @dataclass(frozen=True)
 class Balance:
-    available: float | None
+    available: Decimal | None  # USD
     raw: dict[str, Any]
+
+
+def _usd(value: object) -> Decimal | None:
+    """A balance amount: a money object `{"value": "125.500000", "currency": "usd"}` (the
+    service's shape) or a bare number (the old enveloped one); None when it is neither, or
+    not in dollars."""
+    if isinstance(value, dict):
+        if str(value.get("currency") or "").lower() != "usd":
+            return None
+        value = value.get("value")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        usd = Decimal(str(value).strip())
+    except InvalidOperation:
+        return None
+    return usd if usd.is_finite() else None
+
+
+def cloudflare_refused(status: int, body: object) -> bool:
+    """Cloudflare's browser check in front of the service answers 403 with a plain-text page."""
+    return status == 403 and isinstance(body, str) and "error code: 1010" in body.lower()
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -93,8 +117,14 @@ def _is_insufficient_balance(message: str | None) -> bool:
     return "insufficient balance" in m or "insufficient_balance" in m or "balance is not enough" in m
 
 
-def error_for(status: int, body: object, headers: Mapping[str, str], op: str) -> ServiceError:
+def error_for(status: int, body: object, headers: Mapping[str, str], op: str, *, user_agent: str = "") -> ServiceError:
     """The exception an error answer means, by status and envelope code (documented policy)."""
+    if cloudflare_refused(status, body):
+        return AgentRefused(
+            f"{op}: the service's CDN (Cloudflare, error 1010) refused this client's User-Agent "
+            f"{clip(user_agent, 200)!r}; set SEEDREAM_USER_AGENT to another value",
+            status=status,
+        )
     code = envelope_code(body)
     effective = code if code is not None and code >= 400 else status
     message = message_of(body) or f"HTTP {status}"
@@ -127,7 +157,7 @@ class AtlasClient:
         t = config.timeouts
         timeout = httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool)
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": config.user_agent}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key.reveal()}"
         self._api = httpx.Client(
@@ -143,6 +173,7 @@ class AtlasClient:
         # also let an answer point us at Redis or any other local port.
         self._trusted = frozenset({config.api_host})
         self._files = httpx.Client(
+            headers={"User-Agent": config.user_agent},
             timeout=timeout,
             limits=limits,
             transport=transport,
@@ -191,10 +222,13 @@ class AtlasClient:
         status, body, headers = self._send_api(method, url, op, **kwargs)
         code = envelope_code(body)
         if status >= 400 or (code is not None and code >= 400):
-            raise error_for(status, body, headers, op)
+            raise self._error(status, body, headers, op)
         if not isinstance(body, dict):
             raise InvalidResponse(f"{op}: answer is not a JSON object")
         return body
+
+    def _error(self, status: int, body: object, headers: Mapping[str, str], op: str) -> ServiceError:
+        return error_for(status, body, headers, op, user_agent=self.config.user_agent)
 
     def _retrying(self, fn: Callable[[], T], op: str, policy: Backoff | None = None) -> T:
         def note(attempt: int, exc: BaseException, wait: float) -> None:
@@ -231,11 +265,11 @@ class AtlasClient:
         try:
             body: Any = json.loads(raw) if raw.strip() else None
         except (ValueError, UnicodeDecodeError):
-            body = None
+            body = raw[:4096].decode("utf-8", "replace")  # a page in front of the service (the CDN's)
         code = envelope_code(body)
         effective = code if code is not None and code >= 400 else status
         if 400 <= effective < 500:
-            raise error_for(status, body, response.headers, op)
+            raise self._error(status, body, response.headers, op)
         if effective >= 500 or status >= 300:
             raise OutcomeUnknown(
                 f"{op}: HTTP {effective} ({message_of(body) or 'no message'}); the prediction may exist",
@@ -258,7 +292,7 @@ class AtlasClient:
             if (status >= 400 or (envelope_code(body) or 0) >= 400) and has_final_verdict(body):
                 return Prediction.from_body(body, fallback_id=prediction_id)
             if status >= 400 or (envelope_code(body) or 0) >= 400:
-                raise error_for(status, body, headers, op)
+                raise self._error(status, body, headers, op)
             if not isinstance(body, dict):
                 raise InvalidResponse(f"{op}: answer is not a JSON object")
             return Prediction.from_body(body, fallback_id=prediction_id)
@@ -308,11 +342,11 @@ class AtlasClient:
         return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
 
     def balance(self) -> Balance:
+        """The account's available USD: the service answers without an envelope, each amount a
+        money object; the old enveloped shape with plain numbers is read too."""
         body = self._retrying(lambda: self._api_call("GET", self.config.balance_url, "balance"), "balance")
-        data = unwrap(body)
-        available = data.get("available")
-        value = float(available) if isinstance(available, int | float) and not isinstance(available, bool) else None
-        return Balance(available=value, raw=data)
+        data = body if "available" in body else unwrap(body)
+        return Balance(available=_usd(data.get("available")), raw=data)
 
     # -- files ---------------------------------------------------------------------------
 
@@ -330,7 +364,10 @@ class AtlasClient:
                 with self._files.stream("GET", url) as response:
                     status = response.status_code
                     if status >= 400:
-                        response.read() if int(response.headers.get("content-length") or 0) < 65536 else None
+                        small = int(response.headers.get("content-length") or 0) < 65536
+                        text = response.read().decode("utf-8", "replace") if small else ""
+                        if cloudflare_refused(status, text):
+                            raise self._error(status, text, response.headers, op)
                         raise _download_error(status, response.headers, op)
                     length = response.headers.get("content-length")
                     if length and length.isdigit() and int(length) > cap:

@@ -9,7 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.errors import RateLimited, ServiceError, StorageError, TransientError
+from jobs.control import AUTH, refused_by
+from jobs.errors import AuthError, RateLimited, ServiceError, StorageError, TransientError
 from jobs.images import NotAnImage, inspect
 from jobs.records import JobRecord
 from workers import events
@@ -67,6 +68,10 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
             ctx.limiter.cool_down("upload", exc.retry_after)
             events.rate_limited(rec, "upload", exc.retry_after)
             return exc.retry_after or 1.0
+        except AuthError as exc:  # no upload of this key (or this User-Agent) can get through
+            ctx.uploads.release(rec.run_id, sha)
+            ctx.control.halt(rec.run_id, refused_by(exc))
+            return InputFailed(f"upload of {ref.value} failed: {exc}", AUTH)
         except (TransientError, ServiceError) as exc:
             ctx.uploads.release(rec.run_id, sha)
             n = ctx.runs.incr(rec.run_id, rec.id, "attempts")

@@ -53,9 +53,12 @@ def unwrap(body: object) -> dict[str, Any]:
 
 
 def envelope_code(body: object) -> int | None:
-    """The envelope's own `code` when it is an HTTP-like number, else None."""
+    """The envelope's own `code` when it is HTTP-like, a number or a string of digits (the
+    service sends `"200"`), else None."""
     if isinstance(body, dict):
         code = body.get("code")
+        if isinstance(code, str) and code.strip().isdigit() and len(code.strip()) == 3:
+            code = int(code.strip())
         if isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599:
             return code
     return None
@@ -75,9 +78,9 @@ def message_of(body: object) -> str | None:
     data = body.get("data")
     for candidate in (
         error_text(data.get("error")) if isinstance(data, dict) else None,
-        error_text(body.get("error")),
-        body.get("message") if isinstance(body.get("message"), str) else None,
         body.get("msg") if isinstance(body.get("msg"), str) else None,
+        body.get("message") if isinstance(body.get("message"), str) else None,
+        error_text(body.get("error")),
         body.get("detail") if isinstance(body.get("detail"), str) else None,
     ):
         if candidate and str(candidate).strip():
@@ -129,6 +132,13 @@ def _price_micros(value: object) -> int | None:
     return int((usd * 1_000_000).to_integral_value())
 
 
+def _flags(value: object) -> tuple[bool, ...]:
+    """`has_nsfw_contents`: one boolean per output; anything else reads as no flags."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(v is True for v in value[:MAX_OUTPUTS])
+
+
 def _float(value: object) -> float | None:
     if isinstance(value, bool):
         return None
@@ -155,11 +165,17 @@ class Prediction:
     price_micros: int | None = None
     predict_time: float | None = None
     model: str | None = None
+    nsfw: tuple[bool, ...] = ()  # per output: the service's content check flagged it (it may be blank)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
         return self.state is not State.RUNNING
+
+    @property
+    def flagged(self) -> list[int]:
+        """The indexes of the outputs the service flagged as NSFW."""
+        return [i for i, flag in enumerate(self.nsfw) if flag]
 
     @classmethod
     def from_body(cls, body: object, *, fallback_id: str = "") -> Prediction:
@@ -180,6 +196,7 @@ class Prediction:
             price_micros=_price_micros(payload.get("price")),
             predict_time=_float(metrics.get("predict_time")) if isinstance(metrics, dict) else None,
             model=model if isinstance(model, str) else None,
+            nsfw=_flags(payload.get("has_nsfw_contents")),
             raw=payload,
         )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.budget import ledger_key, worst_case
-from jobs.control import PAYMENT
+from jobs.control import AUTH, PAYMENT, refused_by
 from jobs.errors import (
     AuthError,
     BadOutput,
@@ -307,8 +307,8 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         return _end(ctx, meta, rec, SUBMITTING, SKIPPED, error=exc.message, reason=PAYMENT)
     except AuthError as exc:
         events.submitted(rec, "refused")
-        ctx.control.halt(run_id, "auth")
-        return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="auth")
+        ctx.control.halt(run_id, refused_by(exc))
+        return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason=AUTH)
     except BadRequest as exc:
         events.submitted(rec, "refused")
         return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
@@ -429,7 +429,7 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
         events.rate_limited(rec, "poll", exc.retry_after)
         return exc.retry_after or 1.0
     except AuthError as exc:
-        ctx.control.halt(run_id, "auth")
+        ctx.control.halt(run_id, refused_by(exc))
         ctx.runs.update(run_id, rec.id, error=exc.message)
         return None  # left submitted: `resume` polls it again
     except BadRequest as exc:  # 400/404 for an id the service gave us
@@ -465,7 +465,9 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
             ctx, meta, rec, SUBMITTED, FAILED, error="completed without outputs", reason="no_outputs", cost=price
         )
     ctx.slots.release(f"{run_id}:{rec.id}")
-    _move(ctx, rec, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), price_micros=str(price))
+    _move(
+        ctx, rec, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), nsfw=list(pred.nsfw), price_micros=str(price)
+    )
     # With a fetch queue of its own (hosts near the bucket) the download goes there, now.
     return 0.0 if meta.get("fetch_queue") and meta["fetch_queue"] != meta.get("queue") else NEXT
 

@@ -104,7 +104,9 @@ def test_fault_storm(pipe: Pipeline) -> None:
             "output_corrupt": 0.05,
             "bare_shape": 0.3,
             "succeeded_spelling": 0.3,
-            "omit_price": 0.3,
+            "send_price": 0.3,
+            "numeric_code": 0.3,
+            "message_errors": 0.3,
         },
     )
     manifest, _ = catalog(pipe.tmp, pipe.sandbox, 60)
