@@ -47,6 +47,8 @@ class SandboxSettings:
     balance_usd: float = 10_000.0
     api_keys: list[str] = field(default_factory=list)  # empty: any non-empty key is accepted
     max_upload_bytes: int = 10 * 1024 * 1024
+    # live prices in USD by model id, unlike the catalogue's: /models, billing and predictions follow
+    prices: dict[str, float] = field(default_factory=dict)
     faults: Faults = field(default_factory=Faults)
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +69,11 @@ class SandboxSettings:
                     if not 0.0 <= rate <= 1.0:
                         raise ValueError(f"fault {fname} must be within 0..1")
                     setattr(self.faults, fname, rate)
+            elif name == "prices":
+                prices = {str(model): float(usd) for model, usd in dict(value).items()}
+                if any(not 0.0 < usd < 1000.0 for usd in prices.values()):
+                    raise ValueError("prices must be USD amounts above 0")
+                self.prices = prices
             else:
                 current = getattr(self, name)
                 setattr(self, name, type(current)(value) if not isinstance(current, list) else list(value))
