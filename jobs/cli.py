@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from jobs.config import Limits
+from jobs.catalogue import Catalogue, Prices, Schemas
+from jobs.config import AtlasConfig, Limits
 from jobs.errors import ConfigError
 from jobs.estimate import render_text, scan
 from jobs.logs import configure
@@ -161,12 +165,41 @@ models_file_opt = click.option(
 )
 
 
-def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: str | None) -> Validator:
+@dataclass
+class _Checked:
+    """A manifest's validator, with the live prices and the service's schemas it checks with."""
+
+    validator: Validator
+    prices: Prices
+    schemas: Schemas
+    catalogue: Catalogue
+
+
+@contextlib.contextmanager
+def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: str | None) -> Iterator[_Checked]:
+    """One `/models` read for the command; schemas are read while rows are checked."""
+    from workers.atlas import catalogue_client
+
     try:
         table = ModelTable.load(models_file, default=model)
-        return Validator(manifest, table, fmt=fmt, model=model, allow_internal_urls=environ_flag("allow_internal_urls"))
+        config = AtlasConfig.from_env(os.environ)
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
+    with catalogue_client(config) as client:
+        catalogue = Catalogue.read(client)
+        prices = Prices.resolve(table, catalogue)
+        schemas = Schemas(catalogue, client.schema)
+        allow = environ_flag("allow_internal_urls")
+        try:
+            validator = Validator(
+                manifest, prices.table, fmt=fmt, model=model, allow_internal_urls=allow, schemas=schemas
+            )
+        except (ConfigError, ValueError) as exc:
+            raise click.UsageError(str(exc)) from None
+        if catalogue.error:
+            why = f"/models could not be read ({catalogue.error})"
+            click.echo(f"note: {why}; prices and rules from the project's own table", err=True)
+        yield _Checked(validator, prices, schemas, catalogue)
 
 
 def _print_problems(result: Result) -> None:
@@ -181,8 +214,10 @@ def _print_problems(result: Result) -> None:
 @models_file_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def validate(manifest: Path, model: str | None, fmt: str | None, models_file: str | None, as_json: bool) -> None:
-    """Check every row of MANIFEST (nothing is spent); name each problem's line and field."""
-    result = _validator(manifest, model, fmt, models_file).run()
+    """Check every row of MANIFEST (nothing is spent); name each problem's line and field.
+    Rows are checked against the service's own schema of their model too, where it can be read."""
+    with _validator(manifest, model, fmt, models_file) as checked:
+        result = checked.validator.run()
     if as_json:
         click.echo(
             json.dumps(
@@ -193,11 +228,17 @@ def validate(manifest: Path, model: str | None, fmt: str | None, models_file: st
                     "by_model": dict(result.by_model),
                     "more_problems": result.more_problems,
                     "problems": [p.__dict__ for p in result.problems],
+                    "schemas": {
+                        m: {"service_schema": r is None, "unavailable": r} for m, r in checked.schemas.used().items()
+                    },
                 },
                 indent=2,
             )
         )
-    elif result.ok:
+        sys.exit(0 if result.ok else EXIT_INVALID)
+    for line in checked.schemas.lines():
+        click.echo(line)
+    if result.ok:
         click.echo(f"{result.jobs:,} jobs OK")
     else:
         _print_problems(result)
@@ -226,19 +267,25 @@ def estimate_command(
     as_json: bool,
 ) -> None:
     """Cost (exact, per model) and the least time MANIFEST needs, before anything is spent."""
-    validator = _validator(manifest, model, fmt, models_file)
     try:
         budget_micros = usd_to_micros(budget) if budget is not None else None
         limits = Limits.from_env(submit_rate=rate)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    result, est, _ = scan(validator, budget_micros=budget_micros, rate=limits.submit_rate)
+    with _validator(manifest, model, fmt, models_file) as checked:
+        result, est, _ = scan(checked.validator, budget_micros=budget_micros, rate=limits.submit_rate)
+    est.price_sources = checked.prices.to_dict(est.by_model)
     if not result.ok:
         _print_problems(result)
         if not skip_invalid:
             click.echo(f"{manifest}: {result.invalid_rows:,} invalid rows; fix them or pass --skip-invalid", err=True)
             sys.exit(EXIT_INVALID)
-    click.echo(json.dumps(est.to_dict(), indent=2) if as_json else render_text(est))
+    if as_json:
+        click.echo(json.dumps(est.to_dict(), indent=2))
+        return
+    click.echo(render_text(est))
+    for line in checked.prices.lines(est.by_model):
+        click.echo(line)
 
 
 def _add_run_commands() -> None:

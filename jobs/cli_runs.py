@@ -146,7 +146,7 @@ def run_command(
     log_format: str | None,
 ) -> None:
     """Validate MANIFEST, check the budget, and run every row through the service."""
-    from workers.atlas import AtlasClient
+    from workers.atlas import AtlasClient, catalogue_client
     from workers.local import LocalWorkers
 
     if submit_rate is not None:
@@ -180,13 +180,17 @@ def run_command(
     local = LocalWorkers(workers, concurrency=concurrency, queue=opts.queue, restart=True).start() if workers else None
     try:
         try:
-            started = start_run(
-                opts,
-                settings,
-                _admitter(settings, opts.queue),
-                client_factory=lambda base: AtlasClient(settings.atlas.with_(api_base=base)),
-            )
+            with catalogue_client(settings.atlas) as service:
+                started = start_run(
+                    opts,
+                    settings,
+                    _admitter(settings, opts.queue),
+                    client_factory=lambda base: AtlasClient(settings.atlas.with_(api_base=base)),
+                    service=service,
+                )
         except ManifestRefused as exc:
+            for line in exc.schemas:
+                click.echo(line, err=True)
             for line in exc.result.lines():
                 click.echo(line, err=True)
             click.echo(f"{manifest}: the manifest has problems; nothing was enqueued or spent", err=True)
@@ -199,6 +203,8 @@ def run_command(
             sys.exit(EXIT_ERROR)
         for message in started.messages:
             click.echo(f"note: {message}", err=True)
+        for line in [*started.schemas, *started.prices]:
+            click.echo(line)
         est = started.estimate
         click.echo(
             f"run {started.run_id}: {started.jobs:,} jobs enqueued, estimated ${micros_to_usd(est.total_micros)}"

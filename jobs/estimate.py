@@ -30,6 +30,8 @@ class Estimate:
     # each job's price in manifest order (8 bytes a job), so the fit under another budget
     # is derived without reading the manifest again
     prices: array[int] = field(default_factory=lambda: array("q"), repr=False, compare=False)
+    # model -> {price_usd, source, read_at?, why_not_live?}: where each price came from
+    price_sources: dict[str, Any] = field(default_factory=dict)
 
     def with_budget(self, budget_micros: int | None) -> Estimate:
         """The same estimate, with the jobs that fit `budget_micros` in manifest order."""
@@ -65,6 +67,7 @@ class Estimate:
             "cost_within_budget_usd": None if self.fit_micros is None else micros_to_usd(self.fit_micros),
             "submit_rate_per_s": self.rate,
             "min_seconds": self.min_seconds,
+            "prices": self.price_sources,
         }
 
 

@@ -75,6 +75,8 @@ def micros_to_usd(micros: int) -> str:
 class ModelTable:
     models: Mapping[str, ModelSpec]
     default: str = DEFAULT_MODEL
+    # the models whose price the user's file sets: it wins over the live price from /models
+    priced_by_file: frozenset[str] = frozenset()
 
     def get(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
@@ -87,15 +89,21 @@ class ModelTable:
         """The built-in table, changed by the user's file when one is given or set in the env."""
         models = dict(BUILTIN)
         source = path or os.environ.get("SEEDREAM_MODELS_FILE")
+        priced: set[str] = set()
         if source:
-            models.update(_read_overrides(Path(source), models))
+            models.update(_read_overrides(Path(source), models, priced))
         table_default = default or DEFAULT_MODEL
         if table_default not in models:
             raise ConfigError(f"unknown model {table_default!r}; known: {', '.join(sorted(models))}")
-        return cls(models=models, default=table_default)
+        return cls(models=models, default=table_default, priced_by_file=frozenset(priced))
+
+    def with_prices(self, prices: Mapping[str, int]) -> ModelTable:
+        """The same table with these models' prices replaced (micro-dollars)."""
+        models = {m: replace(s, price_micros=prices[m]) if m in prices else s for m, s in self.models.items()}
+        return replace(self, models=models)
 
 
-def _read_overrides(path: Path, current: Mapping[str, ModelSpec]) -> dict[str, ModelSpec]:
+def _read_overrides(path: Path, current: Mapping[str, ModelSpec], priced: set[str]) -> dict[str, ModelSpec]:
     """A JSON object {model_id: {price_usd, min_pixels, max_pixels, max_images, params}}."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -114,6 +122,7 @@ def _read_overrides(path: Path, current: Mapping[str, ModelSpec]) -> dict[str, M
         changes: dict[str, Any] = {}
         if "price_usd" in spec:
             changes["price_micros"] = usd_to_micros(spec["price_usd"])
+            priced.add(model_id)
         for key in ("min_pixels", "max_pixels", "max_images"):
             if key in spec:
                 changes[key] = int(spec[key])

@@ -18,6 +18,7 @@ from typing import Any
 
 from jobs.backlog import Backlog
 from jobs.budget import Budget, ledger_key, worst_case
+from jobs.catalogue import Catalogue, CatalogueClient, Prices, Schemas
 from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import Estimate, scan
@@ -50,9 +51,10 @@ INITIAL_TOKEN = "0"  # noqa: S105 (a message token, not a secret)
 class ManifestRefused(SeedreamError):
     """The manifest has invalid rows: nothing was enqueued or spent."""
 
-    def __init__(self, result: Result) -> None:
+    def __init__(self, result: Result, schemas: list[str] | None = None) -> None:
         super().__init__(f"{len(result.problems) + result.more_problems} problems in the manifest")
         self.result = result
+        self.schemas = schemas or []
 
 
 class PreflightRefused(SeedreamError):
@@ -90,6 +92,8 @@ class Started:
     estimate: Estimate
     result: Result
     messages: list[str] = field(default_factory=list)
+    prices: list[str] = field(default_factory=list)  # one line per model of the run: price and source
+    schemas: list[str] = field(default_factory=list)  # one line per model: which rules checked its rows
 
 
 def new_run_id() -> str:
@@ -110,15 +114,26 @@ def start_run(
     admit: Callable[[str], int],
     *,
     client_factory: Callable[[str], Any] | None = None,
+    service: CatalogueClient | None = None,
 ) -> Started:
-    table = ModelTable.load(opts.models_file, default=opts.model)
+    """`service` reads the catalogue (`/models`) and the schemas it names: the run's prices and
+    the service's own row checks. Without it, or when it fails, the built-in table decides."""
+    catalogue = Catalogue.read(service) if service is not None else None
+    prices = Prices.resolve(ModelTable.load(opts.models_file, default=opts.model), catalogue)
+    schemas = Schemas(catalogue, service.schema) if catalogue is not None and service is not None else None
     allow_internal_urls = environ_flag("allow_internal_urls")
-    validator = Validator(opts.manifest, table, fmt=opts.fmt, model=opts.model, allow_internal_urls=allow_internal_urls)
+    validator = Validator(
+        opts.manifest,
+        prices.table,
+        fmt=opts.fmt,
+        model=opts.model,
+        allow_internal_urls=allow_internal_urls,
+        schemas=schemas,
+    )
     result, est, metadata_columns = scan(validator)
-    if not result.ok and not opts.skip_invalid:
-        raise ManifestRefused(result)
-    if result.jobs == 0:
-        raise ManifestRefused(result)
+    est.price_sources = prices.to_dict(est.by_model)
+    if (not result.ok and not opts.skip_invalid) or result.jobs == 0:
+        raise ManifestRefused(result, schemas.lines() if schemas is not None else None)
     from jobs.redisio import connect
 
     r = connect(settings.redis_url)
@@ -132,6 +147,9 @@ def start_run(
     est = est.with_budget(state.remaining_micros)
     balance = None
     messages: list[str] = []
+    if catalogue is not None and catalogue.error:
+        why = f"/models could not be read ({catalogue.error})"
+        messages.append(f"{why}; prices from the models file or the built-in table")
     if opts.check_balance and client_factory is not None:
         balance, note = account_balance(client_factory(opts.api_base))
         if note:
@@ -152,7 +170,7 @@ def start_run(
         "model": opts.model,
         "models_file": opts.models_file,
         "allow_internal_urls": allow_internal_urls,
-        "prices": {m: s.price_micros for m, s in table.models.items()},
+        **prices.meta(),
         "metadata_columns": metadata_columns,
         "queue": opts.queue,
         "fetch_queue": opts.fetch_queue if opts.fetch_queue != opts.queue else "",
@@ -181,7 +199,15 @@ def start_run(
         count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN))
     admit(run_id)
     store.set_run(run_id, enqueued=count)
-    return Started(run_id=run_id, jobs=count, estimate=est, result=result, messages=messages)
+    return Started(
+        run_id=run_id,
+        jobs=count,
+        estimate=est,
+        result=result,
+        messages=messages,
+        prices=prices.lines(est.by_model),
+        schemas=schemas.lines() if schemas is not None else [],
+    )
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from jobs.images import NotAnImage, inspect
 from jobs.models import RESERVED_PARAMS, UNSUPPORTED_PARAMS, ModelSpec, ModelTable
 from manifests.addresses import is_internal_host
 from manifests.reader import Header, RawRow, detect_format, read_rows
+from manifests.service_schema import ServiceSchema
 from manifests.spec import ImageRef, JobSpec, Problem
 
 KNOWN_COLUMNS = ("id", "prompt", "images", "model", "size", "params")
@@ -79,13 +80,17 @@ class Validator:
         model: str | None = None,
         check_files: bool = True,
         allow_internal_urls: bool = False,
+        schemas: Callable[[str], ServiceSchema | None] | None = None,
     ) -> None:
+        """`schemas` gives a model's schema as the service publishes it, or None where it
+        cannot be had; rows are then checked against it on top of the project's own rules."""
         self.path = Path(path)
         self.name = str(path)
         self.table = table
         self.default_model = model or table.default
         self.check_files = check_files
         self.allow_internal_urls = allow_internal_urls
+        self.schemas = schemas
         self.fmt = detect_format(self.path, fmt)
         self._file_checks: dict[str, str | None] = {}
 
@@ -240,6 +245,11 @@ class Validator:
         if spec is not None and n_images > spec.max_images:
             p("images", f"has {n_images} images; {spec.id} takes 1 to {spec.max_images}")
 
+        if not problems and spec is not None and self.schemas is not None:
+            service = self.schemas(spec.id)
+            if service is not None:
+                body = _request_body(prompt, images, size, params)
+                problems += [Problem(self.name, line, fld, msg) for fld, msg in service.problems(body)]
         if problems:
             return problems
         assert isinstance(job_id, str) and isinstance(prompt, str) and spec is not None
@@ -404,6 +414,18 @@ class Validator:
                 )
             )
         return value
+
+
+def _request_body(
+    prompt: Any, images: tuple[ImageRef, ...], size: str | None, params: dict[str, Any]
+) -> dict[str, Any]:
+    """What the submit would send. Local files and s3:// objects reach the service as links
+    (uploaded or presigned), so each stands in as a link here."""
+    links = [ref.value if ref.kind == "url" else f"https://inputs.invalid/{n}" for n, ref in enumerate(images, 1)]
+    body: dict[str, Any] = {"prompt": prompt, "images": links, **params}
+    if size is not None:
+        body["size"] = size
+    return body
 
 
 def _duplicate(job_id: str, line: int, seen: dict[bytes, int]) -> str | None:

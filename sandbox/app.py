@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandbox.catalogue import models_payload
+from sandbox.catalogue import CATALOGUE, models_payload, schema_document, schema_name
 from sandbox.render import render
 from sandbox.service import ApiError, SandboxPrediction, Service
 from sandbox.settings import SandboxSettings
@@ -270,7 +270,14 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
         return _envelope(service, {"items": rows, "total": len(items)})
 
     async def models(request: Request) -> Response:
-        return _envelope(service, models_payload(base(request)))
+        return _envelope(service, models_payload(base(request), service.live_prices()))
+
+    async def model_schema(request: Request) -> Response:
+        """The document a model's `schema` URL in /models names (public, like /models)."""
+        for model in CATALOGUE.values():
+            if schema_name(model.id) == request.path_params["name"]:
+                return JSONResponse(schema_document(model))
+        return JSONResponse({"code": 404, "message": "schema not found", "data": None}, status_code=404)
 
     async def balance(request: Request) -> Response:
         try:
@@ -365,6 +372,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             Route("/api/v1/model/history", history, methods=["GET"]),
             Route("/api/v1/models", models, methods=["GET"]),
             Route("/public/v1/balance", balance, methods=["GET"]),
+            Route("/schemas/{name}", model_schema, methods=["GET"]),
             Route("/files/uploads/{token}/{name}", uploaded_file, methods=["GET"]),
             Route("/files/outputs/{pid}/{name}", output_file, methods=["GET"]),
             Route("/files/bait/{pid}/{name}", bait_file, methods=["GET"]),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,22 +25,72 @@ CATALOGUE: dict[str, ServiceModel] = {
 }
 
 
-def models_payload(base_url: str) -> list[dict[str, object]]:
-    return [
-        {
-            "model": m.id,
-            "type": "Image",
-            "price": {
-                "actual": {
-                    "base_price": m.price_micros / 1e6,
-                    "request_price": m.price_micros / 1e6,
-                    "output_image_price": 0,
-                }
-            },
-            "schema": f"{base_url.rstrip('/')}/schemas/{m.id.replace('/', '_')}.json",
+def schema_name(model_id: str) -> str:
+    return f"{model_id.replace('/', '_')}.json"
+
+
+def models_payload(base_url: str, prices: Mapping[str, int] | None = None) -> list[dict[str, object]]:
+    """The catalogue as `/models` lists it. `prices` (micro-dollars) are live prices that differ
+    from the list: shown as Atlas shows a discount, `actual` beside the `origin` and a percentage."""
+    out: list[dict[str, object]] = []
+    for m in CATALOGUE.values():
+        actual = (prices or {}).get(m.id, m.price_micros)
+        price: dict[str, object] = {
+            "actual": {"base_price": actual / 1e6, "request_price": actual / 1e6, "output_image_price": 0}
         }
-        for m in CATALOGUE.values()
-    ]
+        if actual != m.price_micros:
+            price["origin"] = {"base_price": m.price_micros / 1e6, "request_price": m.price_micros / 1e6}
+            price["discount"] = f"{actual * 100 / m.price_micros:g}"
+        out.append(
+            {
+                "model": m.id,
+                "type": "Image",
+                "price": price,
+                "schema": f"{base_url.rstrip('/')}/schemas/{schema_name(m.id)}",
+            }
+        )
+    return out
+
+
+def schema_document(model: ServiceModel) -> dict[str, Any]:
+    """The model's OpenAPI document: its `Input` accepts exactly what `Service._validate` does."""
+    flag = {"type": "boolean"}
+    input_schema = {
+        "type": "object",
+        "required": ["prompt", "images"],
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "pattern": "\\S"},
+            "images": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": model.max_images,
+                "items": {"type": "string", "format": "uri", "pattern": "^https?://"},
+            },
+            "size": {"type": "string", "pattern": "^\\s*\\d+\\s*[*xX]\\s*\\d+\\s*$", "default": "2048*2048"},
+            "seed": {"type": "integer", "default": -1},
+            "max_images": {"type": "integer", "minimum": 1, "maximum": 14, "default": 1},
+            "watermark": flag,
+            "output_format": {"type": "string"},
+            "enable_base64_output": flag,
+            "enable_sync_mode": flag,
+        },
+        "additionalProperties": False,
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": model.id, "version": "1"},
+        "paths": {
+            "/api/v1/model/generateImage": {
+                "post": {
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Input"}}},
+                    }
+                }
+            }
+        },
+        "components": {"schemas": {"Input": input_schema}},
+    }
 
 
 def check_size(model: ServiceModel, size: object) -> tuple[int, int] | str:

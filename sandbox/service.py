@@ -66,6 +66,7 @@ class SandboxPrediction:
     send_price: bool
     running_offset: int  # where in RUNNING its in-progress spellings start
     nsfw: list[bool]  # per output: flagged by the service's content check
+    price_micros: int  # the live price when it was created: what it bills
     output_faults: list[str | None]
     status: str = "created"
     final: bool = False
@@ -171,6 +172,14 @@ class Service:
         """Right after a submit the service does not know its own prediction yet."""
         return time.time() - pred.created < self.settings.warmup_seconds
 
+    def price_micros(self, model: ServiceModel) -> int:
+        """The model's live price: a `prices` setting, else the catalogue's."""
+        usd = self.settings.prices.get(model.id)
+        return model.price_micros if usd is None else round(usd * 1_000_000)
+
+    def live_prices(self) -> dict[str, int]:
+        return {m.id: self.price_micros(m) for m in CATALOGUE.values()}
+
     def available_micros(self, key: str) -> int:
         return int(self.settings.balance_usd * 1_000_000) - self.spent_micros[key]
 
@@ -196,7 +205,7 @@ class Service:
             self.counts["rejected_in_flight"] += 1
             raise ApiError(429, "too many predictions in progress", 1)
         model, params = self._validate(body)
-        if self.available_micros(key) - self.frozen_micros[key] < model.price_micros:
+        if self.available_micros(key) - self.frozen_micros[key] < self.price_micros(model):
             self.counts["rejected_balance"] += 1
             raise ApiError(402, "insufficient balance")
         pred = self._create(key, model, params)
@@ -287,6 +296,7 @@ class Service:
             running_offset=rng.randrange(len(RUNNING)),
             nsfw=[f.nsfw > 0 and rng.random() < f.nsfw for _ in range(n)],
             output_faults=out_faults,
+            price_micros=self.price_micros(model),
         )
         self.counts["created"] += 1
         for fault in out_faults:
@@ -294,7 +304,7 @@ class Service:
                 self.counts[f"injected_{fault}"] += 1
         self.predictions[pred.id] = pred
         self.in_flight[key] += 1
-        self.frozen_micros[key] += model.price_micros
+        self.frozen_micros[key] += pred.price_micros
         self.peak_in_flight = max(self.peak_in_flight, sum(self.in_flight.values()))
         task = asyncio.get_running_loop().create_task(self._run(pred))
         self.tasks.add(task)
@@ -354,7 +364,7 @@ class Service:
         pred.final = True
         pred.completed = time.time()
         self.in_flight[pred.key] -= 1
-        self.frozen_micros[pred.key] -= pred.model.price_micros
+        self.frozen_micros[pred.key] -= pred.price_micros
         if error is not None:
             pred.status, pred.error = "failed", error
         elif pred.outcome in ("failed", "failed_5xx"):
@@ -364,9 +374,9 @@ class Service:
         else:
             pred.status = pred.spelling
         if pred.billable:
-            self.spent_micros[pred.key] += pred.model.price_micros
+            self.spent_micros[pred.key] += pred.price_micros
             self.counts["billed"] += 1
-            self.counts["billed_micros"] += pred.model.price_micros
+            self.counts["billed_micros"] += pred.price_micros
         else:
             self.counts["not_billed"] += 1
 
@@ -389,7 +399,7 @@ class Service:
             out["outputs"] = [output_url(base, pred.id, i, pred.output_faults[i]) for i in range(pred.n_outputs)]
             out["has_nsfw_contents"] = list(pred.nsfw)
             if pred.send_price:
-                out["price"] = pred.model.price_micros / 1_000_000
+                out["price"] = pred.price_micros / 1_000_000
         if pred.error:
             out["error"] = {"message": pred.error} if pred.outcome == "failed_5xx" else pred.error
         return out

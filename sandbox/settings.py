@@ -61,6 +61,8 @@ class SandboxSettings:
     poll_latency: float = 0.0  # seconds every status GET takes to answer (the service's take up to ~25)
     running_status: str = ""  # every in-progress answer uses this spelling; "" cycles through them all
     final_status: str = ""  # every prediction ends with this spelling (its outcome to match); "" draws one
+    # live prices in USD by model id, unlike the catalogue's: /models, billing and predictions follow
+    prices: dict[str, float] = field(default_factory=dict)
     faults: Faults = field(default_factory=Faults)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +83,11 @@ class SandboxSettings:
                     if not 0.0 <= rate <= 1.0:
                         raise ValueError(f"fault {fname} must be within 0..1")
                     setattr(self.faults, fname, rate)
+            elif name == "prices":
+                prices = {str(model): float(usd) for model, usd in dict(value).items()}
+                if any(not 0.0 < usd < 1000.0 for usd in prices.values()):
+                    raise ValueError("prices must be USD amounts above 0")
+                self.prices = prices
             else:
                 current = getattr(self, name)
                 setattr(self, name, type(current)(value) if not isinstance(current, list) else list(value))

@@ -11,6 +11,7 @@ from jobs.cli import main
 from jobs.estimate import estimate
 from jobs.models import ModelTable, micros_to_usd, usd_to_micros
 from manifests.validate import Validator
+from sandbox.server import free_port
 
 V4, V45 = "bytedance/seedream-v4/edit", "bytedance/seedream-v4.5/edit"
 
@@ -56,14 +57,14 @@ def test_large_batch_sums_without_float_drift(tmp_path: Path) -> None:
 
 def test_estimate_command_text_and_json(tmp_path: Path) -> None:
     path = manifest(tmp_path, [V4] * 9 + [V45] * 3)
-    runner = CliRunner()
+    runner = CliRunner(env={"ATLASCLOUD_API_BASE": f"http://127.0.0.1:{free_port()}/api/v1"})  # built-in prices
     text = runner.invoke(main, ["estimate", str(path), "--budget", "0.30", "--rate", "2"])
     assert text.exit_code == 0, text.output
     assert (
         "$0.351" in text.output and "10 of 12 jobs fit ($0.279)" in text.output
     )  # .243 + .036 and "6.0s" in text.output
     out = runner.invoke(main, ["estimate", str(path), "--budget", "$1", "--rate", "4", "--json"])
-    data = json.loads(out.output)
+    data = json.loads(out.stdout)
     assert data["total_usd"] == "0.351" and data["jobs_within_budget"] == 12 and data["min_seconds"] == 3.0
     assert data["by_model"][V45] == {
         "jobs": 3,

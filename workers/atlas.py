@@ -334,12 +334,24 @@ class AtlasClient:
         items = data.get("items")
         return {"items": items if isinstance(items, list) else [], "total": data.get("total")}
 
-    def models(self) -> list[dict[str, Any]]:
-        body = self._retrying(lambda: self._api_call("GET", "/models", "models"), "models")
+    def models(self, *, retry: Backoff | None = None) -> list[dict[str, Any]]:
+        body = self._retrying(lambda: self._api_call("GET", "/models", "models"), "models", retry)
         data = body.get("data", body)
         if isinstance(data, dict):
             data = data.get("models") or data.get("items") or []
         return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
+    def schema(self, url: str) -> dict[str, Any]:
+        """A model's schema document from the URL `/models` gives. It may live on another host,
+        so it is fetched like an output: without the API key, never from an internal address."""
+        raw = self.download(url, max_bytes=MAX_API_BODY, op=f"schema {clip(url, 200)}").content
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidResponse("schema: the answer is not JSON") from None
+        if not isinstance(body, dict):
+            raise InvalidResponse("schema: the answer is not a JSON object")
+        return body
 
     def balance(self) -> Balance:
         """The account's available USD: the service answers without an envelope, each amount a
@@ -353,11 +365,10 @@ class AtlasClient:
     def _check_file_request(self, request: httpx.Request) -> None:
         check_fetchable(str(request.url), trusted_hosts=self._trusted)
 
-    def download(self, url: str, *, max_bytes: int | None = None) -> Downloaded:
+    def download(self, url: str, *, max_bytes: int | None = None, op: str = "download output") -> Downloaded:
         """Stream an output to memory, cut at the size cap, retrying transient faults."""
         cap = max_bytes or self.config.max_output_bytes
         check_fetchable(url, trusted_hosts=self._trusted)
-        op = "download output"
 
         def once() -> Downloaded:
             try:
@@ -385,6 +396,12 @@ class AtlasClient:
             return Downloaded(content=content, content_type=clip(ctype, 100))
 
         return self._retrying(once, op)
+
+
+def catalogue_client(config: AtlasConfig) -> AtlasClient:
+    """A client for `/models` and the schemas it names: each is read once, untried again, so a
+    command facing a service that is down falls back to the built-in table without a wait."""
+    return AtlasClient(config.with_(read_retry=Backoff(attempts=1)))
 
 
 def _download_error(status: int, headers: Mapping[str, str], op: str) -> ServiceError:
