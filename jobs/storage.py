@@ -187,6 +187,12 @@ class S3Storage(_JsonOnBytes):
         return str(self._call("presign", fn, ClientMethod="get_object", Params=params, ExpiresIn=int(seconds)))
 
 
+def stored_records(storage: Storage) -> list[dict[str, Any]]:
+    """Every durable job record of a run (`records/<id>.json`), for when Redis no longer knows it."""
+    records = (storage.get_json(k) for k in storage.list("records") if k.endswith(".json"))
+    return [r for r in records if isinstance(r, dict)]
+
+
 def _ascii(value: str) -> str:
     return value.encode("ascii", "replace").decode()[:256]
 
