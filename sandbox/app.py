@@ -1,5 +1,5 @@
 """The sandbox's HTTP surface: Atlas's routes (`/api/v1/...`, `/public/v1/balance`, the daily
-ledger `/public/v1/model-costs` and `/model-usage`), the files it serves, and
+ledger `/public/v1/model-costs` and `/model-usage`), the files and model schemas it serves, and
 a separate admin area (`/_sandbox/...`) for tests.
 """
 
@@ -21,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from sandbox import ledger
-from sandbox.catalogue import models_payload
+from sandbox.catalogue import CATALOGUE, models_payload
 from sandbox.render import render
 from sandbox.service import ApiError, SandboxPrediction, Service
 from sandbox.settings import SandboxSettings
@@ -257,6 +257,22 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
         except ledger.LedgerQueryError as exc:
             return _error(ApiError(400, str(exc)))
 
+    async def schema(request: Request) -> Response:
+        """The schema `/models` links each model to; just enough for a client to see it answers."""
+        name = request.path_params["name"].removesuffix(".json")
+        model = next((m for m in CATALOGUE.values() if m.id.replace("/", "_") == name), None)
+        if model is None:
+            return JSONResponse({"error": "no such schema"}, status_code=404)
+        properties = {
+            "prompt": {"type": "string"},
+            "images": {"type": "array", "items": {"type": "string"}, "maxItems": model.max_images},
+            "size": {"type": "string"},
+            "seed": {"type": "integer"},
+        }
+        return JSONResponse(
+            {"title": model.id, "type": "object", "required": ["prompt", "images"], "properties": properties}
+        )
+
     # -- admin (tests only; not part of the API) --------------------------------------------
 
     async def admin_accounting(request: Request) -> Response:
@@ -329,6 +345,7 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             Route("/public/v1/balance", balance, methods=["GET"]),
             Route("/public/v1/model-costs", daily, methods=["GET"]),
             Route("/public/v1/model-usage", daily, methods=["GET"]),
+            Route("/schemas/{name}", schema, methods=["GET"]),
             Route("/files/uploads/{token}/{name}", uploaded_file, methods=["GET"]),
             Route("/files/outputs/{pid}/{name}", output_file, methods=["GET"]),
             Route("/files/bait/{pid}/{name}", bait_file, methods=["GET"]),
