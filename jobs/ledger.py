@@ -19,7 +19,7 @@ from typing import Any
 
 from jobs.errors import ConfigError, ServiceError
 from jobs.models import micros_to_usd
-from jobs.records import OVERDUE, UNCERTAIN, RunStore
+from jobs.records import FINAL, OVERDUE, UNCERTAIN, RunStore
 from jobs.storage import open_storage, stored_records
 
 MAX_DAYS = 180  # the service answers at most this many daily buckets
@@ -173,8 +173,10 @@ def _signed(micros: int) -> str:
 
 def run_side(ledger: Ledger, records: Iterable[Mapping[str, Any]]) -> None:
     """Every paid attempt of every record, under the UTC day its verdict was seen."""
+    in_flight = 0
     for rec in records:
         model = str(rec.get("model") or "?")
+        in_flight += rec.get("state") not in FINAL and bool(rec.get("prediction_id"))
         attempts = [h for h in rec.get("history") or [] if isinstance(h, Mapping)]
         if int(rec.get("prior_cost_micros") or 0) > sum(int(h.get("cost_micros") or 0) for h in attempts):
             ledger.undated += 1  # an earlier paid attempt whose ending the record no longer holds
@@ -194,6 +196,10 @@ def run_side(ledger: Ledger, records: Iterable[Mapping[str, Any]]) -> None:
             else:
                 c.run_count += 1
                 c.run_micros += micros
+    if in_flight:
+        ledger.notes.append(
+            f"{in_flight} jobs hold a prediction without a verdict yet: the service may have billed them already"
+        )
 
 
 def day_range(ledger: Ledger, created_at: float | None, now: float) -> tuple[str, str]:

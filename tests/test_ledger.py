@@ -7,7 +7,7 @@ import json
 
 import httpx
 
-from jobs.ledger import Ledger, available_micros, money_micros, service_side
+from jobs.ledger import Ledger, available_micros, money_micros, run_side, service_side
 from jobs.secret import Secret
 from sandbox.server import SandboxProcess
 from tests.conftest import API_KEY, make_client
@@ -26,6 +26,26 @@ def test_balance_and_ledger_amounts_are_read_in_every_shape_seen() -> None:
     assert available_micros({"available": {"value": "3.0", "currency": "eur"}}) is None
     assert available_micros({"cash": 1}) is None and available_micros(None) is None
     assert money_micros(True) is None and money_micros("n/a") is None and money_micros("$0.027") == 27_000
+
+
+def test_the_runs_side_counts_every_paid_attempt_on_its_day() -> None:
+    noon = dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC).timestamp()
+    earlier = {"attempt": 1, "state": "failed", "cost_micros": 27_000, "finished_at": noon - 86_400}
+    records = [
+        {"model": V4, "state": "succeeded", "cost_micros": 27_000, "prior_cost_micros": 27_000,
+         "history": [earlier], "finished_at": noon},
+        {"model": V4, "state": "uncertain", "cost_micros": 27_000, "finished_at": noon},
+        {"model": V4, "state": "failed", "cost_micros": 0, "finished_at": noon},  # not billed
+        {"model": V45, "state": "submitted", "prediction_id": "p1", "cost_micros": 0, "submitted_at": noon},
+        {"model": V45, "state": "succeeded", "cost_micros": 36_000, "prior_cost_micros": 36_000},
+    ]  # fmt: skip
+    ledger = Ledger(run_id="r", source="storage")
+    run_side(ledger, records)
+    today, yesterday = ledger.cells[("2026-12-01", V4)], ledger.cells[("2026-11-30", V4)]
+    assert (today.run_count, today.run_micros, today.unsure_count, today.unsure_micros) == (1, 27_000, 1, 27_000)
+    assert (yesterday.run_count, yesterday.run_micros) == (1, 27_000)
+    assert ledger.undated == 2  # the last record: its attempt has no time, its earlier one no history
+    assert "1 jobs hold a prediction without a verdict" in ledger.notes[0]
 
 
 def test_service_rows_are_read_tolerantly_and_only_this_keys_count() -> None:
