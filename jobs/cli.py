@@ -289,9 +289,9 @@ def estimate_command(
 
 
 def _add_run_commands() -> None:
-    from jobs.cli_runs import COMMANDS
+    from jobs import cli_checks, cli_runs
 
-    for command in COMMANDS:
+    for command in [*cli_runs.COMMANDS, *cli_checks.COMMANDS]:
         main.add_command(command)
 
 

@@ -315,13 +315,43 @@ def resume_command(
 
 @click.command("reconcile")
 @click.argument("run_id")
-def reconcile_command(run_id: str) -> None:
+@click.option("--output", default=None, help="Read the run's records here when Redis no longer knows the run.")
+@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was polled again and both ledgers as JSON.")
+def reconcile_command(run_id: str, output: str | None, s3_endpoint: str | None, as_json: bool) -> None:
     """Poll again every job of RUN_ID that holds a prediction id without a verdict (overdue), so
-    workers fetch and store what arrived and settle its real cost once."""
+    workers fetch and store what arrived and settle its real cost once; then print the run's
+    ledger beside the service's (/public/v1/model-costs, /model-usage): predictions and dollars
+    per model per UTC day, and each difference. Exit 0 when they agree, 3 when they differ,
+    1 when the service's ledger could not be read."""
+    import time
+
+    from jobs.ledger import build, render_text, run_records
+    from workers.atlas import AtlasClient
+
     runs = _runs()
     with _click_errors():
-        n = runs.reconcile(run_id, _admitter(runs.settings, runs.meta(run_id).get("queue") or _queue()))
-    click.echo(f"run {run_id}: {n} jobs with a prediction id and no verdict are polled again")
+        meta = runs.store.run_meta(run_id)
+        polled: int | None = None
+        if meta is not None:
+            polled = runs.reconcile(run_id, _admitter(runs.settings, meta.get("queue") or _queue()))
+        source, records, created_at = run_records(runs.store, run_id, output, s3_endpoint)
+        atlas = runs.settings.atlas
+        with AtlasClient(atlas.with_(api_base=(meta or {}).get("api_base") or atlas.api_base)) as client:
+            ledger = build(
+                run_id, source, records, client, atlas.api_key.shown_as, created_at=created_at, now=time.time()
+            )
+    if as_json:
+        click.echo(json.dumps({"run_id": run_id, "polled_again": polled, "ledger": ledger.to_json()}, indent=2))
+    else:
+        if polled is None:
+            click.echo(
+                f"run {run_id}: not known to Redis, nothing polled again (`resume {run_id} --output` restores it)"
+            )
+        else:
+            click.echo(f"run {run_id}: {polled} jobs with a prediction id and no verdict are polled again")
+        click.echo(render_text(ledger))
+    sys.exit(EXIT_ERROR if ledger.service_error else EXIT_OK if ledger.agree else EXIT_PARTIAL)
 
 
 def _seconds(text: str) -> int:

@@ -39,7 +39,7 @@ from jobs.records import (
 )
 from jobs.report import write_report, write_run_report
 from jobs.settings import environ_flag
-from jobs.storage import Storage, open_storage
+from jobs.storage import Storage, open_storage, stored_records
 from jobs.thumbs import input_reader
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
@@ -614,8 +614,7 @@ def report_from_storage(
     """The report when Redis no longer knows the run: rebuilt from the durable records."""
     storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
     saved = storage.get_json("run.json") or {}
-    records = [storage.get_json(k) for k in storage.list("records") if k.endswith(".json")]
-    rows = sorted((r for r in records if isinstance(r, dict)), key=lambda r: int(r.get("line") or 0))
+    rows = sorted(stored_records(storage), key=lambda r: int(r.get("line") or 0))
     reader = input_reader(_s3_client(s3_endpoint or saved.get("s3_endpoint")))
     return write_report(storage, iter(rows), saved, read_input=reader, presign_seconds=presign_seconds)
 

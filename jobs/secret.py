@@ -34,5 +34,21 @@ class Secret:
 
         return hashlib.sha256(self._value.encode()).hexdigest()[:16]
 
+    def shown_as(self, label: str) -> bool:
+        """Whether a label the service puts on this key in its ledger names it: the short digest
+        above, or a masked form (`sk-...cdef`) whose visible ends are the key's."""
+        label = label.strip()
+        if not self._value or not label:
+            return False
+        if label in (self._value, self.fingerprint()):
+            return True
+        for mask in ("...", "…", "***", "*"):
+            if mask in label:
+                head, _, tail = label.partition(mask)
+                tail = tail.lstrip("*.…")
+                shown = len(head) + len(tail)
+                return 4 <= shown < len(self._value) and self._value.startswith(head) and self._value.endswith(tail)
+        return False
+
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a Secret is not pickled: pass settings by environment")

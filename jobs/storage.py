@@ -35,6 +35,7 @@ class Storage(Protocol):
     def get_json(self, key: str) -> Any | None: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
+    def delete(self, key: str) -> None: ...
     def uri(self, key: str) -> str: ...
     def presign(self, key: str, seconds: int) -> str: ...
 
@@ -96,6 +97,12 @@ class LocalStorage(_JsonOnBytes):
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 yield str(path.relative_to(self.root))
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key}: {exc.strerror or exc}") from None
 
     def uri(self, key: str) -> str:
         return str(self._path(key))
@@ -177,6 +184,9 @@ class S3Storage(_JsonOnBytes):
                 return
             token = page.get("NextContinuationToken")
 
+    def delete(self, key: str) -> None:
+        self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
@@ -187,6 +197,12 @@ class S3Storage(_JsonOnBytes):
         return str(self._call("presign", fn, ClientMethod="get_object", Params=params, ExpiresIn=int(seconds)))
 
 
+def stored_records(storage: Storage) -> list[dict[str, Any]]:
+    """Every durable job record of a run (`records/<id>.json`), for when Redis no longer knows it."""
+    records = (storage.get_json(k) for k in storage.list("records") if k.endswith(".json"))
+    return [r for r in records if isinstance(r, dict)]
+
+
 def _ascii(value: str) -> str:
     return value.encode("ascii", "replace").decode()[:256]
 
@@ -195,12 +211,17 @@ def open_storage(output: str, run_id: str, *, endpoint_url: str | None = None) -
     """The run's own store: `<output>/<run_id>/` in S3 or on disk."""
     if not _SEGMENT.fullmatch(run_id) or set(run_id) == {"."}:
         raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_', '-'")
+    return open_output(output, under=run_id, endpoint_url=endpoint_url)
+
+
+def open_output(output: str, *, under: str = "", endpoint_url: str | None = None) -> Storage:
+    """The output itself (or a folder `under` it): `doctor` probes here what every run will need."""
     if output.startswith("s3://"):
         parts = urlsplit(output)
         if not parts.netloc:
             raise ConfigError(f"--output {output!r}: expected s3://bucket/prefix")
-        prefix = "/".join(p for p in (parts.path.strip("/"), run_id) if p)
+        prefix = "/".join(p for p in (parts.path.strip("/"), under) if p)
         return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
     if "://" in output:
         raise ConfigError(f"--output {output!r}: use s3://bucket/prefix or a local folder")
-    return LocalStorage(Path(output) / run_id)
+    return LocalStorage(Path(output) / under if under else Path(output))

@@ -1,5 +1,6 @@
-"""The sandbox's HTTP surface: Atlas's routes (`/api/v1/...`, `/public/v1/balance`),
-the files it serves, and a separate admin area (`/_sandbox/...`) for tests.
+"""The sandbox's HTTP surface: Atlas's routes (`/api/v1/...`, `/public/v1/balance`, the daily
+ledger `/public/v1/model-costs` and `/model-usage`), the files and model schemas it serves, and
+a separate admin area (`/_sandbox/...`) for tests.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sandbox import ledger
 from sandbox.catalogue import CATALOGUE, models_payload, schema_document, schema_name
 from sandbox.render import render
 from sandbox.service import ApiError, SandboxPrediction, Service
@@ -301,6 +303,19 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             }
         )
 
+    async def daily(request: Request) -> Response:
+        """Unenveloped, like the balance: the account's charges per UTC day."""
+        try:
+            key = service.authenticate(request.headers.get("authorization"))
+        except ApiError as exc:
+            return _error(exc)
+        kind = "costs" if request.url.path.endswith("model-costs") else "usage"
+        params = {name: request.query_params.getlist(name) for name in request.query_params}
+        try:
+            return JSONResponse(ledger.answer(kind, service.charges, key, params, time.time()))
+        except ledger.LedgerQueryError as exc:
+            return _error(ApiError(400, str(exc)))
+
     # -- admin (tests only; not part of the API) --------------------------------------------
 
     async def admin_accounting(request: Request) -> Response:
@@ -373,6 +388,8 @@ def create_app(settings: SandboxSettings | None = None) -> Starlette:
             Route("/api/v1/models", models, methods=["GET"]),
             Route("/public/v1/balance", balance, methods=["GET"]),
             Route("/schemas/{name}", model_schema, methods=["GET"]),
+            Route("/public/v1/model-costs", daily, methods=["GET"]),
+            Route("/public/v1/model-usage", daily, methods=["GET"]),
             Route("/files/uploads/{token}/{name}", uploaded_file, methods=["GET"]),
             Route("/files/outputs/{pid}/{name}", output_file, methods=["GET"]),
             Route("/files/bait/{pid}/{name}", bait_file, methods=["GET"]),

@@ -23,6 +23,7 @@ import httpx
 from PIL import Image
 
 from sandbox.catalogue import CATALOGUE, ServiceModel, check_size
+from sandbox.ledger import Charge
 from sandbox.settings import FAILED, RUNNING, SUCCEEDED, SandboxSettings, draw_delay
 
 MAX_INPUT_BYTES = 10 * 1024 * 1024
@@ -119,6 +120,7 @@ class Service:
         self.recent_submits: collections.deque[float] = collections.deque()
         self.spent_micros: collections.Counter[str] = collections.Counter()
         self.frozen_micros: collections.Counter[str] = collections.Counter()
+        self.charges: list[Charge] = []  # every billed prediction: the daily ledger's source
         self.counts: collections.Counter[str] = collections.Counter()
         self.by_fingerprint: collections.Counter[str] = collections.Counter()
         self.prompts_posted: collections.Counter[str] = collections.Counter()
@@ -377,6 +379,7 @@ class Service:
             self.spent_micros[pred.key] += pred.price_micros
             self.counts["billed"] += 1
             self.counts["billed_micros"] += pred.price_micros
+            self.charges.append(Charge(pred.model.id, "image", pred.key, pred.price_micros, pred.completed))
         else:
             self.counts["not_billed"] += 1
 

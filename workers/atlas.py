@@ -1,6 +1,6 @@
 """The Atlas Cloud HTTP client: the one place where httpx errors enter the project.
 
-Reads (poll, history, models, balance, upload, download) retry transient faults
+Reads (poll, history, models, balance, the daily ledger, upload, download) retry transient faults
 with backoff and jitter. A submit is sent exactly once: any answer that does not
 prove the prediction was or was not created raises `OutcomeUnknown`, because a
 second POST could create (and bill) a second prediction.
@@ -9,10 +9,11 @@ second POST could create (and bill) a second prediction.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
@@ -48,6 +49,7 @@ from workers.urls import check_fetchable
 log = logging.getLogger("seedream.atlas")
 T = TypeVar("T")
 MAX_API_BODY = 8 * 1024 * 1024  # an API answer larger than this is not JSON we want
+MAX_LEDGER_PAGES = 100  # a cursor that never ends is the service's bug, not a reason to loop forever
 
 
 @dataclass(frozen=True)
@@ -359,6 +361,40 @@ class AtlasClient:
         body = self._retrying(lambda: self._api_call("GET", self.config.balance_url, "balance"), "balance")
         data = body if "available" in body else unwrap(body)
         return Balance(available=_usd(data.get("available")), raw=data)
+
+    def model_costs(
+        self, start: str, end: str, *, group_by: Sequence[str] = ("model", "api_key"), limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """The account's own spend per UTC day (`start` inclusive, `end` exclusive): what it was
+        really charged, which no prediction answer is relied on to say."""
+        return self._daily("model-costs", start, end, group_by, limit)
+
+    def model_usage(
+        self, start: str, end: str, *, group_by: Sequence[str] = ("model", "api_key"), limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """The account's own request counts per UTC day, shaped like `model_costs`."""
+        return self._daily("model-usage", start, end, group_by, limit)
+
+    def _daily(self, name: str, start: str, end: str, group_by: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """Every daily bucket over all pages. The ledger lives beside the balance endpoint (not
+        enveloped, like it), so a balance URL set by hand moves it too."""
+        url = f"{self.config.balance_url.rsplit('/', 1)[0]}/{name}"
+        base: list[tuple[str, str | int]] = [("start_date", start), ("end_date", end), ("limit", limit)]
+        base += [("group_by[]", g) for g in group_by]
+        buckets: list[dict[str, Any]] = []
+        page: str | None = None
+        for _ in range(MAX_LEDGER_PAGES):
+            params = base + ([("page", page)] if page else [])
+            body = self._retrying(functools.partial(self._api_call, "GET", url, name, params=params), name)
+            data = body.get("data")
+            if not isinstance(data, list):
+                raise InvalidResponse(f"{name}: no list of daily buckets in the answer")
+            buckets += [b for b in data if isinstance(b, dict)]
+            following = body.get("next_page")
+            if not body.get("has_more") or not isinstance(following, str) or not following or following == page:
+                return buckets
+            page = following
+        raise InvalidResponse(f"{name}: more than {MAX_LEDGER_PAGES} pages; narrow the dates")
 
     # -- files ---------------------------------------------------------------------------
 
