@@ -66,6 +66,31 @@ def test_a_claim_that_did_not_leave_is_pending_again_in_storage_too(
     assert sandbox.accounting()["created"] == 0
 
 
+class _Died(BaseException):
+    """The worker's process ends here (as under SIGKILL: nothing after this line runs)."""
+
+
+def test_a_worker_that_dies_while_waiting_for_its_send_time_leaves_the_job_pending(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, run_id, _ = one_job(sandbox, redis_url, prefix, tmp_path)
+    a, b = Context(settings), Context(settings)
+
+    def die(seconds: float) -> None:
+        raise _Died()
+
+    monkeypatch.setattr(steps.time, "sleep", die)  # the wait for its send time is where it dies
+    with pytest.raises(_Died):
+        steps.advance(a, run_id, "sku-1", "0", due_at=0.0)
+    monkeypatch.undo()
+    job = a.runs.get(run_id, "sku-1")
+    assert job is not None and job.state == PENDING  # not claimed: nothing can take it for sent
+    steps.advance(b, run_id, "sku-1", "0", due_at=0.0)  # its message again, on another worker
+    job = b.runs.get(run_id, "sku-1")
+    assert job is not None and job.state != UNCERTAIN and job.prediction_id
+    assert sandbox.accounting()["created"] == 1
+
+
 def _stop_redis_after_the_post(ctx: Context, run_id: str, server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     client = ctx.client(ctx.meta(run_id)["api_base"])
     ctx.storage(run_id)  # opened while Redis answers
