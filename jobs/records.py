@@ -291,6 +291,20 @@ class RunStore:
         """Set: jobs let in and not yet submitted (the window's ready part, jobs/backlog.py)."""
         return f"{self.prefix}:run:{run_id}:ready"
 
+    def finalized_key(self, run_id: str) -> str:
+        """Set once the run's end was handed to the report writer (see workers/finish.py)."""
+        return f"{self.prefix}:run:{run_id}:finalized"
+
+    @translated
+    def reopen_run(self, run_id: str) -> None:
+        """A job of an ended run is open again: the run is active (the watchdog watches it) and
+        its report is written anew when its last job ends."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.finalized_key(run_id))
+        pipe.sadd(self.active_key, run_id)
+        pipe.hset(self.run_key(run_id), "report_written", "false")
+        pipe.execute()
+
     @property
     def active_key(self) -> str:
         return f"{self.prefix}:runs:active"

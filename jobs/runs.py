@@ -400,8 +400,7 @@ class Runs:
 
     def _enqueue_again(self, run_id: str, ids: list[str], admit: Callable[[str], int]) -> None:
         if ids:
-            self.store.set_active(run_id, True)
-            self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
+            self.store.reopen_run(run_id)
             self.backlog.push(run_id, ids)
             admit(run_id)
 
@@ -479,8 +478,8 @@ class Runs:
                 elif not rec.settled:
                     self.store.update(run_id, rec.id, token=token, next_token="")
                     ids.append(rec.id)
-            self.redis.delete(f"{self.settings.prefix}:run:{run_id}:finalized")
-            self.store.set_active(run_id, True)
+            if ids:
+                self.store.reopen_run(run_id)
             self.backlog.reset(run_id)  # every job not settled is let in again, once
             self.backlog.push(run_id, ids)
             admit(run_id)

@@ -14,7 +14,7 @@ def maybe_finalize(ctx: Context, run_id: str, finished: int) -> None:
     meta = ctx.meta(run_id)
     if finished < int(meta.get("total", 0)):
         return
-    if ctx.redis.set(f"{ctx.settings.prefix}:run:{run_id}:finalized", "1", nx=True):
+    if ctx.redis.set(ctx.runs.finalized_key(run_id), "1", nx=True):
         from workers.tasks import finalize_run
 
         finalize_run.apply_async((run_id,), queue=meta.get("queue") or None)

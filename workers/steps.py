@@ -144,15 +144,11 @@ def _end(
     cost: int = 0,
     **fields: Any,
 ) -> float:
-    """Move to a final state once; settle or release the budget and the slot to match."""
-    budget = ctx.budget(meta["budget_scope"])
-    if cost:
-        budget.settle(entry(rec), cost)
-    else:
-        budget.release(entry(rec))
-    if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
-        ctx.slots.release(f"{rec.run_id}:{rec.id}")
-    _move(
+    """Move to a final state once; then, and only if this call made the move, settle or release
+    the budget and the slot to match. A message that lost the job (a stale copy, one taken over)
+    must not give back what the job's live submit holds. A worker that dies between the move and
+    the settlement leaves the reservation held (the cap stays safe); `_final` settles it."""
+    moved = _move(
         ctx,
         rec,
         expect,
@@ -163,7 +159,20 @@ def _end(
         finished_at=repr(time.time()),
         **fields,
     )
+    if moved == "ok":
+        _settle(ctx, meta, rec, cost)
+        if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
+            ctx.slots.release(f"{rec.run_id}:{rec.id}")
     return NEXT  # the loop in `advance` reads the state the job is really in
+
+
+def _settle(ctx: Context, meta: dict[str, Any], rec: JobRecord, cost: int) -> None:
+    """The ledger entry of the job's attempt at its final cost (idempotent)."""
+    budget = ctx.budget(meta["budget_scope"])
+    if cost:
+        budget.settle(entry(rec), cost)
+    else:
+        budget.release(entry(rec))
 
 
 def _uncertain(ctx: Context, meta: dict[str, Any], rec: JobRecord, expect: str, **why: str) -> float:
@@ -179,8 +188,9 @@ def _overdue(ctx: Context, meta: dict[str, Any], rec: JobRecord, **why: str) -> 
 
 
 def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
-    """A final job: make sure its durable record is written, then tell the run."""
+    """A final job: make sure its settlement and durable record are written, then tell the run."""
     if not rec.record_written:
+        _settle(ctx, meta, rec, rec.cost_micros)
         try:
             ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
         except StorageError as exc:
@@ -246,8 +256,14 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     later, send_at = ctx.limiter.book("submit")
     if later:
         return later
-    # The wait for the send time comes before the claim: a worker killed in it leaves the job pending.
+    # Every wait comes before the claim, so a worker killed in one leaves the job pending: first
+    # the wait for the booked send time, then the pacing check (the last word on when a send may
+    # leave: the time between it and the POST is the jitter the service's small burst absorbs).
     time.sleep(max(0.0, send_at - time.monotonic()))
+    paced = ctx.limiter.pace("submit")
+    if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
+        return max(paced.wait, 0.001)
+    time.sleep(paced.wait)
     claimed = ctx.runs.claim(run_id, rec.id, rec.token)
     if claimed == "stale":
         return STALE
@@ -260,21 +276,15 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
     # Durable before the POST: a run resumed from storage never resubmits a job whose record says
-    # `submitting`. It is written before the last checks, so that only the send itself stands
-    # between the check that marks the POST as leaving and the POST.
+    # `submitting`. It is written just before the last check, so that only the send itself stands
+    # between the check that marks the POST as leaving and the POST, and nothing but these two
+    # steps between the record saying "sent" and the mark.
     rec.posted_at = time.time()
     if not _write_record(ctx, rec):
         _unsent(ctx, rec)
         n = ctx.runs.incr(run_id, rec.id, "store_attempts")
         events.retry(rec, "store_record", n, "the record could not be stored before the submit")
         return backoff(n, 1.0, 30.0)
-    # Pacing goes next to the POST: the time between it and the send is the jitter the
-    # service's small burst must absorb.
-    paced = ctx.limiter.pace("submit")
-    if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
-        _unsent(ctx, rec, rewrite=True)
-        return max(paced.wait, 0.001)
-    time.sleep(paced.wait)
     verdict = ctx.runs.mark_posted(run_id, rec.id, rec.token, ctx.control.key(run_id), budget.keys[0])
     if verdict == "lost":
         # Taken over while this worker stood still: never POST for it, and if the job ended
@@ -366,6 +376,7 @@ def _adopt(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: str) -> fl
     ctx.runs.update(run_id, rec.id, prediction_id=rec.prediction_id, submitted_at=repr(rec.submitted_at),
                     record_written="0")  # fmt: skip
     ctx.runs.bump(run_id, "submitted")
+    ctx.runs.reopen_run(run_id)  # its report, if written, is written again when the job ends
     ctx.slots.acquire(f"{run_id}:{rec.id}")
     _write_record(ctx, rec)
     return ctx.polls.first(run_id, rec.spec.model)
@@ -377,8 +388,9 @@ def _adopt(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: str) -> fl
 def _submitting(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     if rec.posted_at is None:
         # Claimed, never sent: its worker stopped before the POST, or this is a second copy of the
-        # message that claimed it. It waits again; the claimant's last check now fails.
-        _unsent(ctx, rec)
+        # message that claimed it. It waits again, in storage too (its record may say
+        # `submitting`); the claimant's last check now fails.
+        _unsent(ctx, rec, rewrite=True)
         return NEXT
     left = send_settle(ctx) - (time.time() - rec.posted_at)
     if left > 0:  # its sender may still be recording the answer

@@ -99,10 +99,15 @@ def check(
         assert (rec["state"], rec["prediction_id"] or "") == (r["status"], r["prediction_id"]), r["id"]
         recorded |= {rec["prediction_id"]} | {h.get("prediction_id") for h in rec.get("history") or []}
     # "uncertain" only when a POST really left: the service saw a submit of every uncertain row
-    # (each row's prompt is its own)
+    # (each row's prompt is its own). The one exception cannot be known from the client's side:
+    # a worker SIGKILLed in the instant between the check that marks its POST as leaving and the
+    # request reaching the service. Such a job is allowed only as a killed worker's, at most one
+    # a kill, and never in a scenario that killed nothing.
     posted = acc["prompts_posted"]
-    never_sent = [r["id"] for r in report if r["status"] == "uncertain" and not posted.get(r["prompt"])]
-    assert never_sent == [], f"uncertain but never submitted: {never_sent}"
+    never_sent = [r for r in report if r["status"] == "uncertain" and not posted.get(r["prompt"])]
+    killed_sending = [r for r in never_sent if r["error"].startswith("worker_lost_during_submit")]
+    assert killed_sending == never_sent, f"uncertain but never submitted: {[r['id'] for r in never_sent]}"
+    assert len(killed_sending) <= figures.kills, f"uncertain but never submitted: {[r['id'] for r in never_sent]}"
     # no paid result lost: every prediction whose id the service answered is in the records (one
     # whose answer was dropped on the way is an uncertain job: its id never reached us)
     unrecorded = sorted(set(acc["answered_prediction_ids"]) - recorded)
