@@ -426,19 +426,21 @@ class Runs:
     def reconcile(self, run_id: str, admit: Callable[[str], int]) -> int:
         """Poll again every job that holds a prediction id without a verdict (`overdue`, or an
         `uncertain` one whose id turned up); workers fetch what arrived and settle it once."""
-        self.meta(run_id)
+        budget = self._budget(run_id)
         token = secrets.token_hex(8)
-        again = [rec.id for rec in list(self.store.iter_records(run_id)) if self._reopen_awaiting(run_id, rec, token)]
+        again = [r.id for r in list(self.store.iter_records(run_id)) if self._reopen_awaiting(run_id, r, token, budget)]
         self._enqueue_again(run_id, again, admit)
         return len(again)
 
-    def _reopen_awaiting(self, run_id: str, rec: JobRecord, token: str) -> bool:
+    def _budget(self, run_id: str) -> Budget:
+        return Budget(self.redis, self.meta(run_id)["budget_scope"], prefix=self.settings.prefix)
+
+    def _reopen_awaiting(self, run_id: str, rec: JobRecord, token: str, budget: Budget) -> bool:
         if rec.state not in (OVERDUE, UNCERTAIN) or not rec.prediction_id:
             return False
         if not self.store.reopen(run_id, rec.id, rec.state, SUBMITTED, token):
             return False
-        scope = self.meta(run_id)["budget_scope"]
-        Budget(self.redis, scope, prefix=self.settings.prefix).unsettle(ledger_key(run_id, rec.id, rec.charge))
+        budget.unsettle(ledger_key(run_id, rec.id, rec.charge))
         self.store.update(run_id, rec.id, submitted_at=repr(time.time()), record_written="0")
         return True
 
@@ -472,8 +474,9 @@ class Runs:
                     "message due); `watch` it, or pass --force if those workers are gone"
                 )
             ids = []
+            budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix)
             for rec in list(self.store.iter_records(run_id)):
-                if self._reopen_awaiting(run_id, rec, token):
+                if self._reopen_awaiting(run_id, rec, token, budget):
                     ids.append(rec.id)
                 elif not rec.settled:
                     self.store.update(run_id, rec.id, token=token, next_token="")
