@@ -76,9 +76,12 @@ return n
 """
 
 
-def sizes(meta: Mapping[str, Any], limits: Limits) -> tuple[int, int]:
-    """A run's window and ready part, as it was started (this host's settings for older runs)."""
-    return int(meta.get("window") or limits.admission_window), int(meta.get("ready") or limits.admission_ready)
+def sizes(meta: Mapping[str, Any], limits: Limits, slots: int) -> tuple[int, int]:
+    """A run's window and ready part: a window set when it was started, else one that follows the
+    in-flight slots there are now (`slots`); the ready part as it was started (this host's
+    settings for older runs)."""
+    window = int(meta.get("window") or 0) or limits.admission_window(slots)
+    return window, int(meta.get("ready") or limits.admission_ready)
 
 
 class Backlog:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from jobs.config import Limits
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import format_duration
 from jobs.models import micros_to_usd, usd_to_micros
@@ -38,14 +39,18 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     from jobs.backlog import Backlog, sizes
     from jobs.records import RunStore
     from jobs.redisio import connect
+    from workers.slots import Slots
     from workers.tasks import publish
 
     store = RunStore(connect(settings.redis_url), prefix=settings.prefix)
     backlog = Backlog(store.client, store)
+    lim = settings.limits
+    slots = Slots(store.client, settings.atlas.api_key.fingerprint(), lim.in_flight_ceiling,
+                  lim.slot_lease_seconds, prefix=settings.prefix)  # fmt: skip
 
     def admit(run_id: str) -> int:
         meta = store.run_meta(run_id) or {}
-        window, ready = sizes(meta, settings.limits)
+        window, ready = sizes(meta, lim, slots.capacity())
         return publish(run_id, backlog.admit(run_id, window, ready=ready), {**meta, "queue": queue})
 
     return admit
@@ -108,14 +113,21 @@ def _exit_code(p: Progress) -> int:
     default=0,
     help="Start N local worker processes for this run (one that dies is restarted).",
 )
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Threads per local worker.")
+@click.option(
+    "--concurrency", type=int, default=None, help="Threads per local worker (default: 2 x submit rate / workers, 8-64)."
+)
 @click.option("--wait/--no-wait", default=None, help="Show progress and wait for the end (default: on a terminal).")
 @click.option("--api-base", default=None, envvar="ATLASCLOUD_API_BASE", help="The service's API base URL.")
 @click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
 @click.option("--allow-partial", is_flag=True, help="Start even if the budget or balance cannot pay for every job.")
 @click.option("--skip-invalid", is_flag=True, help="Run the valid rows and list the invalid ones.")
 @click.option("--submit-rate", type=float, default=None, help="Submits/s per API key (default SEEDREAM_SUBMIT_RATE).")
-@click.option("--max-in-flight", type=int, default=None, help="Predictions in flight per key (default 16).")
+@click.option(
+    "--max-in-flight",
+    type=int,
+    default=None,
+    help="A ceiling on predictions in flight per key (default: none; as many as the service takes).",
+)
 @click.option(
     "--notify",
     "notify_url",
@@ -134,7 +146,7 @@ def run_command(
     campaign: str | None,
     run_id: str | None,
     workers: int,
-    concurrency: int,
+    concurrency: int | None,
     wait: bool | None,
     api_base: str | None,
     s3_endpoint: str | None,
@@ -177,7 +189,8 @@ def run_command(
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     wait = sys.stdout.isatty() if wait is None else wait
-    local = LocalWorkers(workers, concurrency=concurrency, queue=opts.queue, restart=True).start() if workers else None
+    threads = concurrency or settings.limits.threads(workers)
+    local = LocalWorkers(workers, concurrency=threads, queue=opts.queue, restart=True).start() if workers else None
     try:
         try:
             with catalogue_client(settings.atlas) as service:
@@ -391,7 +404,9 @@ def report_command(run_id: str, output: str | None, s3_endpoint: str | None, pre
 
 
 @click.command("worker")
-@click.option("--concurrency", type=int, default=8, show_default=True, help="Threads (the stages wait on I/O).")
+@click.option(
+    "--concurrency", type=int, default=None, help="Threads (the stages wait on I/O; default: 2 x submit rate, 8 to 64)."
+)
 @click.option(
     "--role",
     type=click.Choice(["all", "control", "fetch"]),
@@ -405,7 +420,7 @@ def report_command(run_id: str, output: str | None, s3_endpoint: str | None, pre
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines as text or JSON.")
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (0: off).")
 def worker_command(
-    concurrency: int,
+    concurrency: int | None,
     role: str,
     queues: str | None,
     name: str,
@@ -429,6 +444,8 @@ def worker_command(
     by_role = {"control": [_queue()], "fetch": [fetch], "all": [_queue(), fetch]}[role]
     chosen = queues or ",".join(q for q in dict.fromkeys(by_role) if q)
     quiet = os.environ.get("SEEDREAM_LOG_FORMAT") == "json"
+    if concurrency is None:
+        concurrency = Limits.from_env().threads()
     args = worker_args(concurrency=concurrency, queue=chosen, name=name, loglevel=loglevel, quiet=quiet)
     app.worker_main(args)
 

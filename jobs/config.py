@@ -31,6 +31,9 @@ def _version() -> str:
 # the client names itself honestly instead.
 DEFAULT_USER_AGENT = f"seedream-batch/{_version()}"
 READY_MIN, READY_MAX = 32, 256  # submits ready to go beyond the in-flight slots (`admission_window`)
+# Predictions in flight are learned from the service (workers/slots.py); this only stops a service
+# that never pushes back from letting a run's window grow without end.
+IN_FLIGHT_CEILING = 1000
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class Limits:
     submit_burst: int = 1
     poll_rate: float = 20.0
     upload_rate: float = 5.0
-    max_in_flight: int = 16
+    max_in_flight: int = 0  # a ceiling on predictions in flight; 0: as many as the service takes
     slot_lease_seconds: float = 120.0
     # Plan this share under each rate: requests reach the service with some jitter, and with a
     # small burst allowance a request that arrives early is a 429, which pauses every worker
@@ -113,16 +116,30 @@ class Limits:
         return rate * (1.0 - self.headroom)
 
     @property
-    def admission_window(self) -> int:
-        """Enough jobs let in to fill every in-flight slot, plus about two seconds of submits ready
-        to go. More only deepens the queue: a job's next poll waits behind every message ahead
-        of it, predictions look longer than they are and hold their slots, and the jobs let in
-        beyond the slots spin on "no slot yet" (5,000 zero-delay jobs with 1,000 slots took 86 s
-        with a window of 64, and 116 s with one of 2,032, with 10-second stretches at 14 jobs/s).
-        The submits ready to go stop at READY_MAX: a rate set far above what the workers can send
-        (10,000/s: "no limit") let a whole 20,000-job run in, and once its slots filled, 19,000
-        jobs spinning on them buried the polls that free slots (6.6 jobs/s instead of ~47)."""
-        return self.window or self.max_in_flight + self.admission_ready
+    def in_flight_ceiling(self) -> int:
+        return self.max_in_flight or IN_FLIGHT_CEILING
+
+    def admission_window(self, slots: int) -> int:
+        """Enough jobs let in to fill every in-flight slot there is now (`slots`, learned from the
+        service), plus about two seconds of submits ready to go, plus an eighth for the jobs
+        fetching their outputs (out of the slots, still in the window). The window must never bind
+        before the slots: the slots grow only while they are all taken. More only deepens the
+        queue: a job's next poll waits behind every message ahead of it, predictions look longer
+        than they are and hold their slots, and the jobs let in beyond the slots spin on "no slot
+        yet" (5,000 zero-delay jobs with 1,000 slots took 86 s with a window of 64, and 116 s with
+        one of 2,032, with 10-second stretches at 14 jobs/s). The submits ready to go stop at
+        READY_MAX: a rate set far above what the workers can send (10,000/s: "no limit") let a
+        whole 20,000-job run in, and once its slots filled, 19,000 jobs spinning on them buried
+        the polls that free slots (6.6 jobs/s instead of ~47)."""
+        return self.window or slots + self.admission_ready + max(8, slots // 8)
+
+    def threads(self, workers: int = 1) -> int:
+        """Threads per worker process, when the user names none. A prediction in flight holds no
+        thread (it waits as a countdown message), so threads follow the rate, not the slots: a
+        submit holds one until its booked send time (at most a second) and through its POST, a
+        finished job through its download and storage write (a second or two from the service's
+        CDN): about 2 thread-seconds a job, 2 x the submit rate in all, 8 to 64 per process."""
+        return max(8, min(64, math.ceil(2 * self.submit_rate / max(1, workers))))
 
     @property
     def admission_ready(self) -> int:
@@ -162,6 +179,8 @@ class Limits:
             raise ConfigError("headroom must be between 0 and 0.5")
         if limits.window < 0:
             raise ConfigError("window must be 0 (automatic) or more")
-        if limits.submit_burst < 1 or limits.max_in_flight < 1:
-            raise ConfigError("submit_burst and max_in_flight must be at least 1")
+        if limits.submit_burst < 1:
+            raise ConfigError("submit_burst must be at least 1")
+        if limits.max_in_flight < 0:
+            raise ConfigError("max_in_flight must be 0 (as many as the service takes) or more")
         return limits

@@ -175,7 +175,7 @@ def start_run(
         "queue": opts.queue,
         "fetch_queue": opts.fetch_queue if opts.fetch_queue != opts.queue else "",
         "notify_url": opts.notify_url,
-        "window": settings.limits.admission_window,
+        "window": settings.limits.window,  # 0: it follows the in-flight slots (workers/slots.py)
         "ready": settings.limits.admission_ready,
         "s3_endpoint": opts.s3_endpoint,
         "created_at": time.time(),

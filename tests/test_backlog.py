@@ -114,14 +114,18 @@ def test_the_watchdog_drives_jobs_nothing_else_will(pipe: Pipeline, rconn: redis
     assert store.counts(run_id).get("redriven", 0) == (3 if lost == "messages" else 0)
 
 
-def test_the_automatic_window_is_the_slots_plus_a_bounded_two_seconds_of_submits() -> None:
+def test_the_automatic_window_follows_the_slots_plus_a_bounded_two_seconds_of_submits() -> None:
     """A rate set far above what workers can send ("no limit") must not let a whole run in:
-    past its slots, every job let in spins on "no slot yet" and buries the polls that free them."""
-    assert Limits(submit_rate=2.0, max_in_flight=16).admission_window == 16 + 32
-    assert Limits(submit_rate=20.0, max_in_flight=16).admission_window == 16 + 40
-    assert Limits(submit_rate=10_000.0, max_in_flight=1000).admission_window == 1000 + 256
-    assert Limits(submit_rate=10_000.0, max_in_flight=1000, window=5).admission_window == 5
+    past its slots, every job let in spins on "no slot yet" and buries the polls that free them.
+    The window follows the slots there are now (learned from the service), with room for the
+    jobs fetching, so that it never binds before the slots (which grow only while all taken)."""
+    assert Limits(submit_rate=2.0).admission_window(16) == 16 + 32 + 8
+    assert Limits(submit_rate=20.0).admission_window(16) == 16 + 40 + 8
+    assert Limits(submit_rate=10.0).admission_window(200) == 200 + 32 + 25
+    assert Limits(submit_rate=10_000.0).admission_window(1000) == 1000 + 256 + 125
+    assert Limits(submit_rate=10_000.0, window=5).admission_window(1000) == 5
     assert Limits(submit_rate=20.0, max_in_flight=256).admission_ready == 40
+    assert Limits().in_flight_ceiling == 1000 and Limits(max_in_flight=24).in_flight_ceiling == 24
 
 
 def test_at_most_ready_jobs_are_out_unsubmitted_and_each_submit_or_end_frees_a_place(

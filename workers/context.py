@@ -77,7 +77,7 @@ class Context:
         self.slots = Slots(
             self.redis,
             key_id,
-            settings.limits.max_in_flight,
+            settings.limits.in_flight_ceiling,
             settings.limits.slot_lease_seconds,
             prefix=settings.prefix,
         )

@@ -49,6 +49,7 @@ from workers import events
 from workers.context import Context
 from workers.inputs import InputFailed, prepare_inputs
 from workers.metrics import STEP_SECONDS
+from workers.polling import budget as poll_budget
 from workers.prediction import State
 from workers.retry import backoff
 
@@ -108,6 +109,18 @@ def reservation(meta: dict[str, Any], rec: JobRecord) -> int:
 def entry(rec: JobRecord) -> str:
     """The job's current ledger entry."""
     return ledger_key(rec.run_id, rec.id, rec.charge)
+
+
+def next_poll(ctx: Context, rec: JobRecord, elapsed: float | None = None) -> float:
+    """Seconds to the job's next poll, on the schedule its run's poll budget allows now."""
+    lim, slots = ctx.settings.limits, ctx.slots
+    est = ctx.polls.estimate(rec.run_id, rec.spec.model)
+    spend = poll_budget(
+        submit_rate=lim.submit_rate, poll_rate=lim.poll_rate, scarce=slots.scarce(), slots=slots.capacity(), est=est
+    )
+    if elapsed is None:
+        return ctx.polls.first(rec.run_id, rec.spec.model, spend)
+    return ctx.polls.again(rec.run_id, rec.spec.model, elapsed, spend)
 
 
 def send_settle(ctx: Context) -> float:
@@ -251,8 +264,8 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     if not budget.reserve(entry(rec), reservation(meta, rec)):
         return _end(ctx, meta, rec, PENDING, SKIPPED, reason="budget", error=budget.state().stopped or "")
     wait = ctx.slots.acquire(key)
-    if wait > 0:
-        return min(wait, 2.0)
+    if wait > 0:  # the service's limit binds: a slot freed by a poll is soon taken again
+        return min(wait, 0.5)
     later, send_at = ctx.limiter.book("submit")
     if later:
         return later
@@ -310,6 +323,9 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         events.rate_limited(rec, "submit", exc.retry_after)
         ctx.runs.bump(run_id, "http_429")
         _unsent(ctx, rec, refused=True)
+        if not names_a_rate(exc.message):  # the service wants fewer in flight: give the slot back
+            ctx.slots.release(key)
+            _tell_slots(ctx, None)
         return exc.retry_after if exc.retry_after is not None else 1.0
     except PaymentRequired as exc:
         events.submitted(rec, "refused")
@@ -331,7 +347,28 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
             return _end(ctx, meta, rec, PENDING, FAILED, error=exc.message, reason="unreachable")
         return backoff(rec.attempts)
     events.submitted(rec, "accepted", sub.id)
-    return _hold_id(ctx, meta, rec, sub.id, time.time())
+    countdown = _hold_id(ctx, meta, rec, sub.id, time.time())
+    _tell_slots(ctx, key)
+    return countdown
+
+
+def names_a_rate(message: str) -> bool:
+    """A 429 that says it is about the rate. The project's own pacing keeps submits inside the rate
+    it was given, so any other 429 on a submit is the service refusing more work at once."""
+    return "rate" in message.lower()
+
+
+def _tell_slots(ctx: Context, accepted: str | None) -> None:
+    """Teach the in-flight capacity (workers/slots.py) that the submit holding slot `accepted` was
+    taken, or (None) that one was pushed back; a failure to do so costs nothing."""
+    try:
+        cap = ctx.slots.accepted(accepted) if accepted else ctx.slots.pushed_back()
+    except StateError as exc:
+        log.warning("in-flight capacity not updated (%s)", exc)
+        return
+    if not accepted:
+        log.info("the service pushed back: %d predictions in flight at most for now", int(cap),
+                 extra={"event": "in_flight", "status": "pushed_back"})  # fmt: skip
 
 
 def _hold_id(ctx: Context, meta: dict[str, Any], rec: JobRecord, prediction_id: str, now: float) -> float | None:
@@ -355,7 +392,7 @@ def _hold_id(ctx: Context, meta: dict[str, Any], rec: JobRecord, prediction_id: 
                 raise
             time.sleep(0.5)
     if moved == "ok":
-        return ctx.polls.first(rec.run_id, rec.spec.model)
+        return next_poll(ctx, rec)
     return _adopt(ctx, meta, rec, moved)
 
 
@@ -379,7 +416,7 @@ def _adopt(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: str) -> fl
     ctx.runs.reopen_run(run_id)  # its report, if written, is written again when the job ends
     ctx.slots.acquire(f"{run_id}:{rec.id}")
     _write_record(ctx, rec)
-    return ctx.polls.first(run_id, rec.spec.model)
+    return next_poll(ctx, rec)
 
 
 # -- submitting: found after a crash between the claim and the answer --------------------------
@@ -446,7 +483,7 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
         return None  # left submitted: `resume` polls it again
     except BadRequest as exc:  # 400/404 for an id the service gave us
         if elapsed < ctx.settings.warmup_grace:  # the service is still warming the prediction up
-            return ctx.polls.again(run_id, rec.spec.model, elapsed)
+            return next_poll(ctx, rec, elapsed)
         return _overdue(
             ctx, meta, rec, error=f"the service lost the prediction: {exc.message}", reason="prediction_lost"
         )
@@ -465,7 +502,7 @@ def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | No
             )
         if polls == 1:  # each job teaches the run's poll times once, at its first poll
             ctx.polls.still_running(run_id, rec.spec.model, elapsed)
-        return ctx.polls.again(run_id, rec.spec.model, elapsed)
+        return next_poll(ctx, rec, elapsed)
     if polls == 1:
         ctx.polls.learn(run_id, rec.spec.model, elapsed if pred.predict_time is None else pred.predict_time)
     if pred.state is State.FAILED:

@@ -164,7 +164,7 @@ def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) 
     watchdog), and publish their messages; with `keep_one`, the first is returned instead, for
     the caller to drive itself."""
     meta = ctx.meta(run_id)
-    window, ready = sizes(meta, ctx.settings.limits)
+    window, ready = sizes(meta, ctx.settings.limits, ctx.slots.capacity())
     jobs = ctx.backlog.admit(run_id, window, done=done, ready=ready)
     first = jobs.pop(0) if keep_one and jobs else None
     publish(run_id, jobs, meta)
