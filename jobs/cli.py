@@ -17,6 +17,7 @@ from jobs.catalogue import Catalogue, Prices, Schemas
 from jobs.config import AtlasConfig, Limits
 from jobs.errors import ConfigError
 from jobs.estimate import render_text, scan
+from jobs.exit_codes import document
 from jobs.logs import configure
 from jobs.models import ModelTable, usd_to_micros
 from jobs.settings import FILE_NAME, SETTINGS, apply, effective, environ_flag
@@ -293,6 +294,7 @@ def _add_run_commands() -> None:
 
     for command in [*cli_runs.COMMANDS, *cli_checks.COMMANDS]:
         main.add_command(command)
+    document(main)
 
 
 _add_run_commands()

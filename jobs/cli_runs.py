@@ -220,13 +220,43 @@ def _runs() -> Runs:
 
 
 @click.command("status")
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: counts, cost, rate, ETA.")
-def status_command(run_id: str, as_json: bool) -> None:
-    """Counts by status, cost so far, rate and ETA of RUN_ID."""
+def status_command(run_id: str | None, as_json: bool) -> None:
+    """Counts by status, cost so far, rate and ETA of RUN_ID (default: the run started last)."""
+    from jobs.run_list import latest
+
+    runs = _runs()
     with _click_errors():
-        p = _runs().progress(run_id)
+        if run_id is None:
+            run_id = latest(runs)
+            if run_id is None:
+                raise ConfigError(f"no run is known to {runs.where}")
+            if not as_json:
+                click.echo(f"run {run_id} (the latest)")
+        p = runs.progress(run_id)
     click.echo(json.dumps(p.to_json(), indent=2) if as_json else progress_view.line(p))
+
+
+@click.command("runs")
+@click.option("--output", default=None, help="Also list the runs whose folders are under this output.")
+@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of runs.")
+def runs_command(output: str | None, s3_endpoint: str | None, as_json: bool) -> None:
+    """The runs Redis knows (and with --output, those in storage): id, started, state, done/total,
+    cost, budget and output, oldest first."""
+    from jobs.run_list import COLUMNS, listing, table
+
+    runs = _runs()
+    with _click_errors():
+        rows = listing(runs, output, s3_endpoint)
+    if as_json:
+        fields = (*COLUMNS, "finished", "total", "created_at")
+        click.echo(json.dumps([{k: r[k] for k in fields} for r in rows], indent=2))
+    elif rows:
+        click.echo(table(rows))
+    else:
+        click.echo(f"no runs in {runs.where}" + (f" or under {output}" if output else ""))
 
 
 @click.command("watch")
@@ -428,6 +458,7 @@ def worker_command(
 COMMANDS = [
     run_command,
     status_command,
+    runs_command,
     watch_command,
     cancel_command,
     retry_failed_command,
