@@ -290,9 +290,9 @@ def estimate_command(
 
 
 def _add_run_commands() -> None:
-    from jobs import cli_checks, cli_runs
+    from jobs import cli_checks, cli_manifest, cli_runs
 
-    for command in [*cli_runs.COMMANDS, *cli_checks.COMMANDS]:
+    for command in [cli_manifest.manifest_command, *cli_runs.COMMANDS, *cli_checks.COMMANDS]:
         main.add_command(command)
     document(main)
 
