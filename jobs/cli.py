@@ -17,6 +17,7 @@ from jobs.catalogue import Catalogue, Prices, Schemas
 from jobs.config import AtlasConfig, Limits
 from jobs.errors import ConfigError
 from jobs.estimate import render_text, scan
+from jobs.exit_codes import document
 from jobs.logs import configure
 from jobs.models import ModelTable, usd_to_micros
 from jobs.settings import FILE_NAME, SETTINGS, apply, effective, environ_flag
@@ -289,10 +290,11 @@ def estimate_command(
 
 
 def _add_run_commands() -> None:
-    from jobs import cli_checks, cli_runs
+    from jobs import cli_checks, cli_manifest, cli_runs
 
-    for command in [*cli_runs.COMMANDS, *cli_checks.COMMANDS]:
+    for command in [cli_manifest.manifest_command, *cli_runs.COMMANDS, *cli_checks.COMMANDS]:
         main.add_command(command)
+    document(main)
 
 
 _add_run_commands()

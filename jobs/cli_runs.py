@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
+from jobs import progress_view
 from jobs.config import Limits
 from jobs.errors import ConfigError, SeedreamError
-from jobs.estimate import format_duration
 from jobs.models import micros_to_usd, usd_to_micros
 from jobs.report import MAX_PRESIGN_SECONDS
 from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
@@ -56,39 +56,10 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     return admit
 
 
-def _line(p: Progress) -> str:
-    c = p.counts
-    eta = f", ETA {format_duration(p.eta)}" if p.eta is not None and not p.done else ""
-    halted = f" [halted: {p.halted}]" if p.halted else ""
-    if p.budget_stopped:
-        halted += f" [budget stopped: {p.budget_stopped}]"
-    overdue = f", {c.get('overdue', 0):,} overdue (`reconcile` polls them again)" if c.get("overdue") else ""
-    return (
-        f"{p.finished:,}/{p.total:,} done: {c.get('succeeded', 0):,} ok, {c.get('failed', 0):,} failed, "
-        f"{c.get('skipped', 0):,} skipped, {c.get('uncertain', 0):,} uncertain{overdue}; "
-        f"${micros_to_usd(p.cost_micros)} spent; {p.rate:.2f} jobs/s{eta}{halted}"
-    )
-
-
-def _printer():  # type: ignore[no-untyped-def]
-    import time
-
-    tty = sys.stdout.isatty()
-    last_text = [""]
-    last_time = [0.0]
-
-    def show(p: Progress) -> None:
-        text = _line(p)
-        if tty:
-            click.echo("\r" + text.ljust(len(last_text[0])), nl=False)
-            if p.done:
-                click.echo()
-        elif p.done or time.monotonic() - last_time[0] > 5:
-            click.echo(text)
-            last_time[0] = time.monotonic()
-        last_text[0] = text
-
-    return show
+def _follow(runs: Runs, run_id: str, *, as_json: bool = False) -> Progress:
+    """Follow a run to its end with the view that fits stdout (jobs/progress_view.py)."""
+    with progress_view.view(as_json=as_json, limit=runs.settings.limits.submit_rate) as show:
+        return runs.wait(run_id, show)
 
 
 def _exit_code(p: Progress) -> int:
@@ -161,6 +132,15 @@ def run_command(
     from workers.atlas import AtlasClient, catalogue_client
     from workers.local import LocalWorkers
 
+    if workers and wait is False:
+        click.echo(
+            f"refused: --workers {workers} starts workers that stop when this command returns, and --no-wait "
+            "returns at once: nothing would run.\n"
+            f"  either wait here:         seedream-batch run {manifest} --output {output} --workers {workers} --wait\n"
+            "  or start workers elsewhere: seedream-batch worker   (then run with --no-wait and no --workers)",
+            err=True,
+        )
+        sys.exit(EXIT_INVALID)
     if submit_rate is not None:
         os.environ["SEEDREAM_SUBMIT_RATE"] = str(submit_rate)
     if max_in_flight is not None:
@@ -188,7 +168,7 @@ def run_command(
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    wait = sys.stdout.isatty() if wait is None else wait
+    wait = bool(workers) or sys.stdout.isatty() if wait is None else wait  # its own workers: it must wait
     threads = concurrency or settings.limits.threads(workers)
     local = LocalWorkers(workers, concurrency=threads, queue=opts.queue, restart=True).start() if workers else None
     try:
@@ -226,7 +206,7 @@ def run_command(
         if not wait:
             return
         runs = Runs(settings)
-        progress = runs.wait(started.run_id, _printer())
+        progress = _follow(runs, started.run_id)
         summary = runs.final_summary(started.run_id)
         click.echo(f"report: {summary['report']}")
         click.echo(f"gallery: {summary['gallery']}")
@@ -253,22 +233,53 @@ def _runs() -> Runs:
 
 
 @click.command("status")
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: counts, cost, rate, ETA.")
-def status_command(run_id: str, as_json: bool) -> None:
-    """Counts by status, cost so far, rate and ETA of RUN_ID."""
+def status_command(run_id: str | None, as_json: bool) -> None:
+    """Counts by status, cost so far, rate and ETA of RUN_ID (default: the run started last)."""
+    from jobs.run_list import latest
+
+    runs = _runs()
     with _click_errors():
-        p = _runs().progress(run_id)
-    click.echo(json.dumps(p.to_json(), indent=2) if as_json else _line(p))
+        if run_id is None:
+            run_id = latest(runs)
+            if run_id is None:
+                raise ConfigError(f"no run is known to {runs.where}")
+            if not as_json:
+                click.echo(f"run {run_id} (the latest)")
+        p = runs.progress(run_id)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else progress_view.line(p))
+
+
+@click.command("runs")
+@click.option("--output", default=None, help="Also list the runs whose folders are under this output.")
+@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of runs.")
+def runs_command(output: str | None, s3_endpoint: str | None, as_json: bool) -> None:
+    """The runs Redis knows (and with --output, those in storage): id, started, state, done/total,
+    cost, budget and output, oldest first."""
+    from jobs.run_list import COLUMNS, listing, table
+
+    runs = _runs()
+    with _click_errors():
+        rows = listing(runs, output, s3_endpoint)
+    if as_json:
+        fields = (*COLUMNS, "finished", "total", "created_at")
+        click.echo(json.dumps([{k: r[k] for k in fields} for r in rows], indent=2))
+    elif rows:
+        click.echo(table(rows))
+    else:
+        click.echo(f"no runs in {runs.where}" + (f" or under {output}" if output else ""))
 
 
 @click.command("watch")
 @click.argument("run_id")
-def watch_command(run_id: str) -> None:
-    """Follow RUN_ID until it ends; exit 0 if every job succeeded, 3 otherwise."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per update (status --json's fields).")
+def watch_command(run_id: str, as_json: bool) -> None:
+    """Follow RUN_ID until it ends: a live bar on a terminal, a line every few seconds otherwise."""
     runs = _runs()
     with _click_errors():
-        p = runs.wait(run_id, _printer())
+        p = _follow(runs, run_id, as_json=as_json)
     sys.exit(_exit_code(p))
 
 
@@ -310,8 +321,15 @@ def retry_failed_command(run_id: str, pay_again: bool) -> None:
 @click.option(
     "--clear-halt", is_flag=True, help="After a top-up or a new key: lift the halt and run the jobs it skipped."
 )
+@click.option("--wait/--no-wait", default=None, help="Follow the run to its end (default: on a terminal).")
 def resume_command(
-    run_id: str, output: str | None, manifest: Path | None, s3_endpoint: str | None, force: bool, clear_halt: bool
+    run_id: str,
+    output: str | None,
+    manifest: Path | None,
+    s3_endpoint: str | None,
+    force: bool,
+    clear_halt: bool,
+    wait: bool | None,
 ) -> None:
     """Continue RUN_ID from Redis, or from its durable records alone; nothing is resubmitted.
     Jobs that hold a prediction id without a verdict (overdue) are polled again."""
@@ -324,6 +342,10 @@ def resume_command(
             lifted, again = runs.clear_halt(run_id, admit)
             what = "; ".join(lifted) if lifted else "no halt was set"
             click.echo(f"run {run_id}: halt lifted ({what}); {again} skipped jobs enqueued again")
+    if wait if wait is not None else sys.stdout.isatty():
+        with _click_errors():
+            p = _follow(runs, run_id)
+        sys.exit(_exit_code(p))
 
 
 @click.command("reconcile")
@@ -453,6 +475,7 @@ def worker_command(
 COMMANDS = [
     run_command,
     status_command,
+    runs_command,
     watch_command,
     cancel_command,
     retry_failed_command,

@@ -261,12 +261,15 @@ def run_records(
     meta = store.run_meta(run_id)
     if meta is not None:
         return "redis", [r.to_json() for r in store.iter_records(run_id)], _float(meta.get("created_at"))
+    from jobs.redisio import where
+
+    looked = f"Redis {where(store.client)} (key prefix {store.prefix!r})"
     if not output:
-        raise ConfigError(f"run {run_id!r} is not known to Redis; pass --output to read its records from storage")
+        raise ConfigError(f"run {run_id!r} is not known to {looked}; pass --output to read its records from storage")
     storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
     saved = storage.get_json("run.json")
     if not isinstance(saved, dict):
-        raise ConfigError(f"no run.json for run {run_id} under {output}")
+        raise ConfigError(f"run {run_id!r} is not known to {looked}, and there is no run.json for it under {output}")
     return "storage", stored_records(storage), _float(saved.get("created_at"))
 
 

@@ -49,6 +49,13 @@ def script(client: redis.Redis, source: str) -> Any:
     return client.register_script(source)
 
 
+def where(client: redis.Redis) -> str:
+    """Which Redis a client talks to, as host:port/db: enough to find it, never a password."""
+    kwargs = client.connection_pool.connection_kwargs
+    place = f"unix:{kwargs['path']}" if kwargs.get("path") else f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+    return f"{place}/{kwargs.get('db', 0)}"
+
+
 def _safe_url(url: str) -> str:
     """A Redis URL may carry a password: never print it."""
     if "@" in url:

@@ -282,10 +282,20 @@ class Runs:
         self.control = RunControl(self.redis, prefix=settings.prefix)
         self.backlog = Backlog(self.redis, self.store)
 
+    @property
+    def where(self) -> str:
+        """Where this looks for runs, for a message that says so: Redis host:port/db and key prefix."""
+        from jobs.redisio import where
+
+        return f"Redis {where(self.redis)} (key prefix {self.settings.prefix!r})"
+
     def meta(self, run_id: str) -> dict[str, Any]:
         meta = self.store.run_meta(run_id)
         if meta is None:
-            raise ConfigError(f"run {run_id!r} is not known to Redis; `resume {run_id} --output URI` restores it")
+            raise ConfigError(
+                f"run {run_id!r} is not known to {self.where}; `seedream-batch runs` lists the runs there, "
+                f"and `resume {run_id} --output URI` restores one from its output"
+            )
         return meta
 
     def progress(self, run_id: str) -> Progress:
@@ -465,7 +475,7 @@ class Runs:
             meta = self.store.run_meta(run_id)
             if meta is None:
                 if output is None:
-                    raise ConfigError("Redis does not know this run: pass --output to read it from storage")
+                    raise ConfigError(f"{self.where} does not know run {run_id}: pass --output to read it from storage")
                 return "storage", self._resume_from_storage(run_id, output, token, admit, manifest, s3_endpoint)
             driven = self.driven(run_id)
             if driven and not force:
@@ -512,7 +522,7 @@ class Runs:
         storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
         saved = storage.get_json("run.json")
         if not isinstance(saved, dict):
-            raise ConfigError(f"no run.json for run {run_id} under {output}")
+            raise ConfigError(f"run {run_id} is not known to {self.where}, and has no run.json under {output}")
         path = manifest or Path(saved["manifest"])
         if file_sha256(path) != saved["manifest_sha256"]:
             raise ConfigError(f"{path} is not the manifest this run started with (its digest differs)")
