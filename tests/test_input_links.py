@@ -181,3 +181,28 @@ def test_an_input_link_the_service_cannot_fetch_fails_the_job_unbilled(
     _no_link("the bucket", _bucket_text(s3, bucket)[1])
     _no_link("Redis", _redis_text(rconn, pipe.prefix))
     _no_link("the workers' log", (pipe.tmp / "workers.log").read_text())
+
+
+def test_s3_inputs_are_checked_before_anything_is_spent_and_named_at_their_lines(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    from jobs.models import ModelTable
+    from jobs.s3check import checked_scan, s3_header
+    from manifests.validate import Validator
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = f"b-check-{tmp_path.name.lower()[-12:].strip('_-') or 'x'}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="ok.png", Body=image_bytes())
+    s3.put_object(Bucket=bucket, Key="big.png", Body=b"\0" * (10 * 1024 * 1024 + 1))
+    uri = f"s3://{bucket}"
+    images = [[f"{uri}/ok.png"], [f"{uri}/missing.png"], [f"{uri}/ok.png", f"{uri}/big.png"], [f"{uri}/missing.png"]]
+    manifest = write_manifest(tmp_path, [{"id": f"r{i}", "prompt": "p", "images": im} for i, im in enumerate(images)])
+    validator = Validator(manifest, ModelTable.load(None))
+    result, est, _ = checked_scan(validator, lambda: s3_header(s3_endpoint))
+    assert (result.jobs, result.invalid_rows, est.jobs) == (1, 3, 1)  # each bad row counted, none estimated
+    lines = result.lines()
+    assert f"manifest.jsonl:2: images[1]: '{uri}/missing.png': does not exist" in lines[0]
+    assert ":3: images[2]:" in lines[1] and "the service takes at most 10 MB" in lines[1]
+    assert ":4: images[1]:" in lines[2] and "does not exist" in lines[2]
+    assert [j.id for j in validator.jobs()] == ["r0"]  # a --skip-invalid run enqueues only the good row
