@@ -14,12 +14,14 @@ from typing import Any
 import click
 
 from jobs.catalogue import Catalogue, Prices, Schemas
+from jobs.cli_inputs import inputs_options, warn_uploads
 from jobs.config import AtlasConfig, Limits
-from jobs.errors import ConfigError
-from jobs.estimate import render_text, scan
+from jobs.errors import ConfigError, StorageError
+from jobs.estimate import Estimate, render_text
 from jobs.exit_codes import document
 from jobs.logs import configure
 from jobs.models import ModelTable, usd_to_micros
+from jobs.s3check import checked_scan, s3_header
 from jobs.settings import FILE_NAME, SETTINGS, apply, effective, environ_flag
 from manifests.validate import Result, Validator
 from sandbox.settings import Faults, SandboxSettings
@@ -157,6 +159,9 @@ format_opt = click.option(
     default=None,
     help="Manifest format (default: from the extension).",
 )
+output_opt = click.option(
+    "--output", default=None, help="Where the run would write (s3:// stages local inputs there); default: a folder."
+)
 models_file_opt = click.option(
     "--models-file",
     type=click.Path(exists=True, dir_okay=False),
@@ -203,6 +208,13 @@ def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: 
         yield _Checked(validator, prices, schemas, catalogue)
 
 
+def _checked_scan(validator: Validator, **kwargs: Any) -> tuple[Result, Estimate, list[str]]:
+    try:
+        return checked_scan(validator, s3_header, **kwargs)
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _print_problems(result: Result) -> None:
     for line in result.lines():
         click.echo(line, err=True)
@@ -214,11 +226,25 @@ def _print_problems(result: Result) -> None:
 @format_opt
 @models_file_opt
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def validate(manifest: Path, model: str | None, fmt: str | None, models_file: str | None, as_json: bool) -> None:
+@output_opt
+@inputs_options
+def validate(
+    manifest: Path,
+    model: str | None,
+    fmt: str | None,
+    models_file: str | None,
+    as_json: bool,
+    output: str | None,
+    inputs: str,
+    inputs_bucket: str | None,
+    allow_bulk_upload: bool,
+) -> None:
     """Check every row of MANIFEST (nothing is spent); name each problem's line and field.
-    Rows are checked against the service's own schema of their model too, where it can be read."""
+    Rows are checked against the service's own schema of their model too, where it can be read,
+    and each s3:// input with a HEAD (it exists, at most 10 MB)."""
     with _validator(manifest, model, fmt, models_file) as checked:
-        result = checked.validator.run()
+        result, _, _ = _checked_scan(checked.validator)
+    warn_uploads(checked.validator, output, inputs, inputs_bucket, allow_bulk_upload)
     if as_json:
         click.echo(
             json.dumps(
@@ -257,6 +283,8 @@ def validate(manifest: Path, model: str | None, fmt: str | None, models_file: st
 @click.option("--rate", type=float, default=None, help="Submits per second (default: SEEDREAM_SUBMIT_RATE).")
 @click.option("--skip-invalid", is_flag=True, help="Estimate the valid rows even if some are invalid.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+@output_opt
+@inputs_options
 def estimate_command(
     manifest: Path,
     model: str | None,
@@ -266,6 +294,10 @@ def estimate_command(
     rate: float | None,
     skip_invalid: bool,
     as_json: bool,
+    output: str | None,
+    inputs: str,
+    inputs_bucket: str | None,
+    allow_bulk_upload: bool,
 ) -> None:
     """Cost (exact, per model) and the least time MANIFEST needs, before anything is spent."""
     try:
@@ -274,8 +306,9 @@ def estimate_command(
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     with _validator(manifest, model, fmt, models_file) as checked:
-        result, est, _ = scan(checked.validator, budget_micros=budget_micros, rate=limits.submit_rate)
+        result, est, _ = _checked_scan(checked.validator, budget_micros=budget_micros, rate=limits.submit_rate)
     est.price_sources = checked.prices.to_dict(est.by_model)
+    warn_uploads(checked.validator, output, inputs, inputs_bucket, allow_bulk_upload)
     if not result.ok:
         _print_problems(result)
         if not skip_invalid:

@@ -13,8 +13,10 @@ from pathlib import Path
 import click
 
 from jobs import progress_view
+from jobs.cli_inputs import bulk_upload_threshold, inputs_options
 from jobs.config import Limits
 from jobs.errors import ConfigError, SeedreamError
+from jobs.inputs import InputsRefused
 from jobs.models import micros_to_usd, usd_to_micros
 from jobs.report import MAX_PRESIGN_SECONDS
 from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
@@ -107,6 +109,7 @@ def _exit_code(p: Progress) -> int:
     help="POST the run's summary (JSON) to this URL when it ends; retried, never fails the run.",
 )
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines of the local workers.")
+@inputs_options
 def run_command(
     manifest: Path,
     output: str,
@@ -127,6 +130,9 @@ def run_command(
     max_in_flight: int | None,
     notify_url: str | None,
     log_format: str | None,
+    inputs: str,
+    inputs_bucket: str | None,
+    allow_bulk_upload: bool,
 ) -> None:
     """Validate MANIFEST, check the budget, and run every row through the service."""
     from workers.atlas import AtlasClient, catalogue_client
@@ -165,6 +171,10 @@ def run_command(
             queue=_queue(),
             fetch_queue=os.environ.get("SEEDREAM_FETCH_QUEUE", ""),
             notify_url=notify_url or "",
+            inputs=inputs,
+            inputs_bucket=inputs_bucket or "",
+            allow_bulk_upload=allow_bulk_upload,
+            bulk_upload_threshold=bulk_upload_threshold(),
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -187,6 +197,9 @@ def run_command(
             for line in exc.result.lines():
                 click.echo(line, err=True)
             click.echo(f"{manifest}: the manifest has problems; nothing was enqueued or spent", err=True)
+            sys.exit(EXIT_INVALID)
+        except InputsRefused as exc:
+            click.echo(f"refused: {exc}; nothing was enqueued or spent", err=True)
             sys.exit(EXIT_INVALID)
         except PreflightRefused as exc:
             click.echo(f"refused: {exc}", err=True)

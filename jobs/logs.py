@@ -3,8 +3,9 @@
 A job's steps run inside `job_context`, so every line logged meanwhile, by this project or
 by a library, carries its run id and job id. Lines about a job's life add `event` (a
 transition, a retry, a rate limit, a cost) and its fields. Whatever the format, the API key
-and the webhook URL are replaced by `***` in the final text: a key that reaches a log line
-by some path nobody foresaw (a URL, an exception from a library) still never leaves.
+and the webhook URL are replaced by `***` in the final text, and a presigned link loses its
+query: a secret that reaches a log line by some path nobody foresaw (a URL, an exception
+from a library, a service's error echoing an input's link) still never leaves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import sys
 import time
 from collections.abc import Iterator
 from typing import Any
+
+from jobs.secret import redact_links
 
 _JOB: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("seedream_job", default=None)
 # fields a line may carry through `extra=`; anything else a library adds stays out of the JSON
@@ -77,7 +80,7 @@ class _Redacting(logging.Formatter):
     def redact(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
-        return text
+        return redact_links(text)
 
 
 class JsonFormatter(_Redacting):

@@ -21,7 +21,9 @@ from jobs.budget import Budget, ledger_key, worst_case
 from jobs.catalogue import Catalogue, CatalogueClient, Prices, Schemas
 from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
 from jobs.errors import ConfigError, SeedreamError
-from jobs.estimate import Estimate, scan
+from jobs.estimate import Estimate
+from jobs.inputs import InputsRefused, upload_verdict
+from jobs.inputs import plan as plan_inputs
 from jobs.models import ModelTable
 from jobs.preflight import Verdict, account_balance, check
 from jobs.records import (
@@ -38,6 +40,7 @@ from jobs.records import (
     RunStore,
 )
 from jobs.report import write_report, write_run_report
+from jobs.s3check import checked_scan, s3_header
 from jobs.settings import environ_flag
 from jobs.storage import Storage, open_storage, stored_records
 from jobs.thumbs import input_reader
@@ -83,6 +86,10 @@ class RunOptions:
     fetch_queue: str = ""
     notify_url: str = ""
     check_balance: bool = True
+    inputs: str = "auto"  # jobs/inputs.py: auto | presign | upload
+    inputs_bucket: str = ""
+    allow_bulk_upload: bool = False
+    bulk_upload_threshold: int = 100
 
 
 @dataclass
@@ -130,10 +137,20 @@ def start_run(
         allow_internal_urls=allow_internal_urls,
         schemas=schemas,
     )
-    result, est, metadata_columns = scan(validator)
+    inputs = plan_inputs(opts.inputs, opts.output, opts.inputs_bucket)
+    result, est, metadata_columns = checked_scan(validator, lambda: s3_header(opts.s3_endpoint))
     est.price_sources = prices.to_dict(est.by_model)
     if (not result.ok and not opts.skip_invalid) or result.jobs == 0:
         raise ManifestRefused(result, schemas.lines() if schemas is not None else None)
+    warning, refusal = upload_verdict(
+        inputs,
+        validator.local_files,
+        validator.s3_objects,
+        threshold=opts.bulk_upload_threshold,
+        allow=opts.allow_bulk_upload,
+    )
+    if refusal:
+        raise InputsRefused(refusal)
     from jobs.redisio import connect
 
     r = connect(settings.redis_url)
@@ -146,7 +163,7 @@ def start_run(
     state = budget.state()
     est = est.with_budget(state.remaining_micros)
     balance = None
-    messages: list[str] = []
+    messages: list[str] = [warning] if warning else []
     if catalogue is not None and catalogue.error:
         why = f"/models could not be read ({catalogue.error})"
         messages.append(f"{why}; prices from the models file or the built-in table")
@@ -178,6 +195,7 @@ def start_run(
         "window": settings.limits.window,  # 0: it follows the in-flight slots (workers/slots.py)
         "ready": settings.limits.admission_ready,
         "s3_endpoint": opts.s3_endpoint,
+        **inputs.meta(),
         "created_at": time.time(),
         "skipped_invalid_rows": result.invalid_rows,
     }

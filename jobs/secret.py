@@ -1,6 +1,20 @@
-"""A value that never shows itself in a repr, str, log line or exception."""
+"""A value that never shows itself in a repr, str, log line or exception; and signed links,
+which are secrets for as long as they work."""
 
 from __future__ import annotations
+
+import re
+
+# A URL whose query signs it (S3 SigV4 or V2): anyone holding it reads the object until it
+# expires. A service's error may echo an input's link, cut short or not, so any query carrying a
+# signature's fields goes, wherever in the text it appears.
+_SIGNED_QUERY = re.compile(r"\?[^\s\"'<>]*(?:X-Amz-|AWSAccessKeyId=|Signature=)[^\s\"'<>]*", re.IGNORECASE)
+SIGNED_QUERY_SHOWN = "?<signed query removed>"
+
+
+def redact_links(text: str) -> str:
+    """`text` with the query of every signed link replaced: the object's address stays readable."""
+    return _SIGNED_QUERY.sub(SIGNED_QUERY_SHOWN, text) if "?" in text else text
 
 
 class Secret:

@@ -36,6 +36,7 @@ class Storage(Protocol):
     def get_bytes(self, key: str) -> bytes | None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
     def uri(self, key: str) -> str: ...
     def presign(self, key: str, seconds: int) -> str: ...
 
@@ -103,6 +104,9 @@ class LocalStorage(_JsonOnBytes):
             self._path(key).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot delete {key}: {exc.strerror or exc}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
 
     def uri(self, key: str) -> str:
         return str(self._path(key))
@@ -186,6 +190,10 @@ class S3Storage(_JsonOnBytes):
 
     def delete(self, key: str) -> None:
         self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        """A HEAD: whether the object is there (a staged input is then not put again)."""
+        return self._call("head", self.client.head_object, Bucket=self.bucket, Key=self._key(key)) is not None
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

@@ -93,6 +93,8 @@ class Validator:
         self.schemas = schemas
         self.fmt = detect_format(self.path, fmt)
         self._file_checks: dict[str, str | None] = {}
+        # each distinct s3:// input: its problem once checked (jobs/s3check.py), "" before
+        self._s3_checks: dict[str, str | None] = {}
 
     def results(self) -> Iterator[JobSpec | list[Problem]]:
         """Each row as a JobSpec or the list of its problems; file-level problems as lists too."""
@@ -129,6 +131,25 @@ class Validator:
                 result.invalid_rows += 1 if item and item[0].line else 0
                 result.add(item)
         return result
+
+    @property
+    def local_files(self) -> int:
+        """Distinct local files of the valid rows' inputs (by path) met so far."""
+        return sum(1 for error in self._file_checks.values() if error is None)
+
+    @property
+    def s3_objects(self) -> int:
+        return len(self._s3_checks)
+
+    def has_unchecked_s3(self) -> bool:
+        return any(v == "" for v in self._s3_checks.values())
+
+    def unchecked_s3(self) -> list[str]:
+        return [uri for uri, v in self._s3_checks.items() if v == ""]
+
+    def s3_checked(self, uri: str, problem: str | None) -> None:
+        """The HEAD's verdict on `uri`: a problem makes each row using it invalid from now on."""
+        self._s3_checks[uri] = problem
 
     def jobs(self) -> Iterator[JobSpec]:
         for item in self.results():
@@ -314,6 +335,9 @@ class Validator:
             bucket, _, key = text[5:].partition("/")
             if not bucket or not key:
                 return None, f"{_show(text)} must be s3://bucket/key"
+            problem = self._s3_checks.setdefault(text, "")
+            if problem:
+                return None, f"{_show(text)}: {problem}"
             return ImageRef("s3", text), None
         if scheme or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:(?![\\/])", text):
             shown = scheme or text.split(":", 1)[0]

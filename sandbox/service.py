@@ -126,6 +126,7 @@ class Service:
         self.prompts_posted: collections.Counter[str] = collections.Counter()
         self.unanswered: set[str] = set()  # predictions created whose submit answer was dropped
         self.uploads_by_sha: collections.Counter[str] = collections.Counter()
+        self.input_fetches_by_sha: collections.Counter[str] = collections.Counter()  # links fetched, by content
         self.user_agents: collections.Counter[str] = collections.Counter()  # every request but the admin area's
         self.peak_submit_rate = 0
         self.peak_in_flight = 0
@@ -337,11 +338,28 @@ class Service:
         self._finish(pred, error)
 
     async def _fetch_input(self, url: str) -> str:
+        """The service fetches every input link itself, once the prediction exists: one it cannot
+        fetch, or that is no image, fails the prediction unbilled. Every fetch is counted, and a
+        signed link (a presigned S3 GET) on its own, so a test can see how inputs arrived."""
         token = _own_upload_token(url)
         if token is not None and token in self.uploads:
+            self.counts["input_uploads_used"] += 1
             return self.uploads[token][2]
         if self.http is None:
             self.http = httpx.AsyncClient(timeout=10.0, follow_redirects=True, max_redirects=5)
+        self.counts["input_fetches"] += 1
+        if "X-Amz-Signature=" in url:
+            self.counts["input_fetches_signed"] += 1
+        try:
+            sha = await self._download_input(url)
+        except Exception:
+            self.counts["input_fetch_failures"] += 1
+            raise
+        self.input_fetches_by_sha[sha] += 1
+        return sha
+
+    async def _download_input(self, url: str) -> str:
+        assert self.http is not None
         async with self.http.stream("GET", url) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code}")
@@ -439,6 +457,10 @@ class Service:
             "duplicate_fingerprints": sorted(fp for fp, n in self.by_fingerprint.items() if n > 1),
             "uploads": self.counts["uploads"],
             "uploads_by_sha": dict(self.uploads_by_sha),
+            "input_fetches": self.counts["input_fetches"],
+            "input_fetches_signed": self.counts["input_fetches_signed"],
+            "input_fetch_failures": self.counts["input_fetch_failures"],
+            "input_fetches_by_sha": dict(self.input_fetches_by_sha),
             "peak_submit_rate": self.peak_submit_rate,
             "peak_in_flight": self.peak_in_flight,
             "http_429": self.counts["http_429"],

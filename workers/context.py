@@ -13,10 +13,10 @@ from jobs.backlog import Backlog
 from jobs.budget import Budget
 from jobs.config import AtlasConfig, Limits
 from jobs.control import RunControl
-from jobs.errors import StateError
+from jobs.errors import ConfigError, StateError
 from jobs.records import RunStore
 from jobs.redisio import DEFAULT_PREFIX, connect
-from jobs.storage import Storage, open_storage
+from jobs.storage import Storage, open_output, open_storage
 from workers.atlas import AtlasClient
 from workers.polling import PollTimes
 from workers.ratelimit import RateLimiter
@@ -39,6 +39,7 @@ class WorkerSettings:
     warmup_grace: float = 30.0  # a 400/404 this soon after a submit is the service warming up
     visibility_timeout: float = 300.0  # the broker redelivers a message held longer than this
     id_hold: float = 20.0  # how long a worker retries Redis to record a prediction id only it holds
+    input_link_ttl: int = 3600  # a presigned input link outlives a prediction and its retries
 
     @property
     def longest_countdown(self) -> float:
@@ -58,7 +59,18 @@ class WorkerSettings:
             poll_deadline=float(env.get("SEEDREAM_POLL_DEADLINE", "900")),
             warmup_grace=float(env.get("SEEDREAM_WARMUP_GRACE", "30")),
             visibility_timeout=float(env.get("SEEDREAM_VISIBILITY_TIMEOUT", "300")),
+            input_link_ttl=_link_ttl(env.get("SEEDREAM_INPUT_LINK_TTL", "3600")),
         )
+
+
+def _link_ttl(text: str) -> int:
+    try:
+        seconds = int(text)
+    except ValueError:
+        raise ConfigError(f"SEEDREAM_INPUT_LINK_TTL={text!r} is not a whole number of seconds") from None
+    if not 60 <= seconds <= 7 * 86400:  # SigV4 links work at most 7 days
+        raise ConfigError("SEEDREAM_INPUT_LINK_TTL must be 60 seconds to 7 days")
+    return seconds
 
 
 class Context:
@@ -115,6 +127,16 @@ class Context:
                 self._storages[run_id] = open_storage(meta["output"], run_id, endpoint_url=endpoint)
             return self._storages[run_id]
 
+    def stage(self, root: str, run_id: str) -> Storage:
+        """Where the run's local inputs are staged (`<output>/inputs/` or the inputs bucket)."""
+        with self._lock:
+            key = f"stage:{root}"
+            if key not in self._storages:
+                meta = self._meta.get(run_id) or {}
+                endpoint = self.settings.s3_endpoint or meta.get("s3_endpoint")
+                self._storages[key] = open_output(root, endpoint_url=endpoint)
+            return self._storages[key]
+
     def budget(self, scope: str) -> Budget:
         with self._lock:
             if scope not in self._budgets:
@@ -127,9 +149,9 @@ class Context:
                 import boto3
                 from botocore.config import Config
 
-                self._s3 = boto3.client(
-                    "s3", endpoint_url=self.settings.s3_endpoint, config=Config(connect_timeout=5, read_timeout=30)
-                )
+                # SigV4 for the presigned input links too (botocore signs those V2 unless told)
+                config = Config(connect_timeout=5, read_timeout=30, signature_version="s3v4")
+                self._s3 = boto3.client("s3", endpoint_url=self.settings.s3_endpoint, config=config)
             return self._s3
 
 

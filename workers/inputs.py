@@ -1,6 +1,13 @@
-"""A job's inputs as URLs the service can fetch: URL inputs as they are, local and s3:// files
-uploaded once per content hash (shared by the run's jobs, so a photo used by five rows goes up
-once), each upload within the shared upload rate."""
+"""A job's inputs as the service will fetch them (see jobs/inputs.py for why).
+
+What is kept (in Redis, per job) is never a link that works on its own: URL inputs as they
+are, `s3://` inputs and staged local files as `s3://` URIs, which `input_links` presigns just
+before each POST, so a row that waited hours in the backlog still sends a fresh link, and no
+record, report or log line holds one. Local files (and `s3://` ones in `upload` mode) that no
+bucket can serve go through uploadMedia, once per content hash, within the shared upload rate.
+A local file is staged or uploaded once per run (rows sharing it wait for the first), and a
+staged one that is already in the bucket, from an earlier run, is not put again.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +36,13 @@ class InputFailed:
 
 
 def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[str] | float | InputFailed:
-    """Upload local and s3:// inputs once per content hash (shared by the run); URLs pass as they are."""
+    """Each input as a URL or an `s3://` URI to presign at submit time (staging or uploading
+    local files first); a countdown when the job must come back, or why it cannot run."""
+    presign = meta.get("inputs_mode", "upload") != "upload"  # a run started before: as it began
+    stage = str(meta.get("inputs_stage") or "") if presign else ""
     urls: list[str] = []
     for ref in rec.spec.images:
-        if ref.kind == "url":
+        if ref.kind == "url" or (ref.kind == "s3" and presign):
             urls.append(ref.value)
             continue
         try:
@@ -44,6 +54,12 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
             events.retry(rec, "read_input", n, str(exc))
             return backoff(n)
         sha = hashlib.sha256(data).hexdigest()
+        if stage:
+            staged = _stage(ctx, rec, stage, ref.value, sha, data)
+            if not isinstance(staged, str):
+                return staged
+            urls.append(staged)
+            continue
         verdict, value = ctx.uploads.claim(rec.run_id, sha)
         if verdict == "url":
             urls.append(value)
@@ -84,6 +100,60 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
         events.uploaded()
         urls.append(url)
     return urls
+
+
+def _stage(ctx: Context, rec: JobRecord, root: str, value: str, sha: str, data: bytes) -> str | float | InputFailed:
+    """The file at `<root>/<sha256>.<ext>`, put there unless it already is; its s3:// URI."""
+    verdict, cached = ctx.uploads.claim(rec.run_id, f"stage-{sha}")
+    if verdict == "url":
+        return cached
+    if verdict == "wait":
+        return 0.3  # another job is staging the same photo
+    try:
+        info = inspect(data, decode=False)
+    except NotAnImage as exc:
+        ctx.uploads.release(rec.run_id, f"stage-{sha}")
+        return InputFailed(f"input {value} is not an image: {exc}", "input")
+    key = f"{sha}.{info.extension}"
+    storage = ctx.stage(root, rec.run_id)
+    try:
+        if storage.exists(key):
+            ctx.runs.bump(rec.run_id, "inputs_found")
+        else:
+            storage.put_bytes(key, data, info.content_type, metadata={"sha256": sha})
+            ctx.runs.bump(rec.run_id, "inputs_staged")
+    except StorageError as exc:
+        ctx.uploads.release(rec.run_id, f"stage-{sha}")
+        n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
+        if n >= ctx.settings.max_attempts:
+            return InputFailed(f"input {value} could not be staged in {root}: {exc}", "input")
+        events.retry(rec, "stage_input", n, str(exc))
+        return backoff(n)
+    uri = storage.uri(key)
+    ctx.uploads.store(rec.run_id, f"stage-{sha}", uri)
+    return uri
+
+
+def input_links(ctx: Context, urls: list[str]) -> list[str]:
+    """What the submit sends: each `s3://` URI as a GET link signed (SigV4) now, working for
+    `input_link_ttl` seconds; anything else as it is. Signing is local (no request); a failure
+    (no credentials) is a StorageError."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    links: list[str] = []
+    for url in urls:
+        if not url.startswith("s3://"):
+            links.append(url)
+            continue
+        bucket, _, key = url[5:].partition("/")
+        try:
+            link = ctx.s3().generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ctx.settings.input_link_ttl
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"{url} could not be presigned: {type(exc).__name__}") from None
+        links.append(str(link))
+    return links
 
 
 def _read_input(ctx: Context, kind: str, value: str, path: str | None) -> bytes:

@@ -44,10 +44,11 @@ from jobs.records import (
     UNCERTAIN,
     JobRecord,
 )
+from jobs.secret import redact_links
 from jobs.thumbs import store_output_thumbnail
 from workers import events
 from workers.context import Context
-from workers.inputs import InputFailed, prepare_inputs
+from workers.inputs import InputFailed, input_links, prepare_inputs
 from workers.metrics import STEP_SECONDS
 from workers.polling import budget as poll_budget
 from workers.prediction import State
@@ -160,7 +161,9 @@ def _end(
     """Move to a final state once; then, and only if this call made the move, settle or release
     the budget and the slot to match. A message that lost the job (a stale copy, one taken over)
     must not give back what the job's live submit holds. A worker that dies between the move and
-    the settlement leaves the reservation held (the cap stays safe); `_final` settles it."""
+    the settlement leaves the reservation held (the cap stays safe); `_final` settles it. The error
+    may be the service's, echoing an input's presigned link: its signature never reaches a record."""
+    error = redact_links(error)
     moved = _move(
         ctx,
         rec,
@@ -277,6 +280,14 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     if not paced.go or paced.wait > HOLD_MAX:  # a 429 since this send was booked, or sends piled up
         return max(paced.wait, 0.001)
     time.sleep(paced.wait)
+    try:  # signed now, the last moment before the claim: fresh however long the job waited
+        links = input_links(ctx, rec.input_urls)
+    except StorageError as exc:
+        n = ctx.runs.incr(run_id, rec.id, "attempts")
+        if n >= ctx.settings.max_attempts:
+            return _end(ctx, meta, rec, PENDING, FAILED, error=str(exc), reason="input")
+        events.retry(rec, "presign", n, str(exc))
+        return backoff(n)
     claimed = ctx.runs.claim(run_id, rec.id, rec.token)
     if claimed == "stale":
         return STALE
@@ -284,7 +295,7 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         return NEXT
     events.moved(rec, PENDING, SUBMITTING)
     rec.state, rec.attempts = SUBMITTING, rec.attempts + 1
-    params: dict[str, Any] = {"prompt": rec.spec.prompt, "images": rec.input_urls, **rec.spec.params}
+    params: dict[str, Any] = {"prompt": rec.spec.prompt, "images": links, **rec.spec.params}
     if rec.spec.size:
         params["size"] = rec.spec.size
     client = ctx.client(meta["api_base"])
@@ -340,7 +351,7 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
         return _end(ctx, meta, rec, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
     except TransientError as exc:  # never left this machine: nothing was created
         _unsent(ctx, rec, refused=True, uncount=False)
-        ctx.runs.update(run_id, rec.id, error=exc.message)
+        ctx.runs.update(run_id, rec.id, error=redact_links(exc.message))
         ctx.runs.bump(run_id, "retries")
         events.retry(rec, "submit", rec.attempts, exc.message)
         if rec.attempts >= ctx.settings.max_attempts:

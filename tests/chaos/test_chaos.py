@@ -260,7 +260,10 @@ def test_s3_endpoint_down_for_a_while(pipe: Pipeline, s3_endpoint: str) -> None:
     manifest, _ = catalog(pipe.tmp, pipe.sandbox, 30)
     pipe.start_workers(2)
     output = f"s3://{bucket}/chaos"
-    started = pipe.cli("run", str(manifest), "--output", output, "--no-wait")
+    # Inputs through uploadMedia: this scenario is about outputs and records. A presigned input
+    # link the service cannot fetch while the bucket is away fails its job, unbilled
+    # (tests/test_input_links.py); `retry-failed` runs it again.
+    started = pipe.cli("run", str(manifest), "--output", output, "--inputs", "upload", "--no-wait")
     run_id = run_id_of(started.stdout)
 
     def stored_outputs() -> int:
