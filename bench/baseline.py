@@ -66,9 +66,10 @@ async def one(
         r = await http.get(f"/model/prediction/{pid}")
         r.raise_for_status()
         data = r.json().get("data", r.json())
-        if data["status"] in ("completed", "succeeded"):
+        status = str(data.get("status", "")).lower()
+        if status in ("completed", "succeeded", "success"):  # the service's words for done, as documented
             break
-        if data["status"] in ("failed", "timeout"):
+        if status in ("failed", "error", "canceled", "cancelled", "timeout"):
             stats["failed"] += 1
             return
     for i, url in enumerate(data.get("outputs") or []):
