@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,10 +98,8 @@ class Project:
                 "SEEDREAM_PREFIX": self.prefix,
                 "SEEDREAM_QUEUE": self.prefix,
                 "SEEDREAM_SUBMIT_RATE": "10000",
-                "SEEDREAM_SUBMIT_BURST": "50",
                 "SEEDREAM_POLL_RATE": "10000",
                 "SEEDREAM_UPLOAD_RATE": "10000",
-                "SEEDREAM_MAX_IN_FLIGHT": "1000",
             }
         )
         env.update(self.env_extra)
@@ -203,47 +200,3 @@ def as_remote(sandbox: SandboxProcess) -> str:
     except PermissionError:
         return "the sandbox shares the CPU evenly with its clients (raising its priority needs root)"
     return "the sandbox runs at nice -10, ahead of its clients"
-
-
-def closest_calls(created: list[float], rate: float, burst: float) -> dict[str, Any]:
-    """For each accepted submit, how much earlier it could have arrived without a 429 from a
-    token bucket of this rate and burst; the least such margin, and how many were under 10 ms.
-    (The sandbox's own TokenBucket refuses when short; this replay must take a token for
-    every submit the sandbox did accept.)"""
-    margins: list[float] = []
-    tokens, last = burst, None
-    for t in created:
-        if last is not None:
-            tokens = min(burst, tokens + (t - last) * rate)
-        margins.append((tokens - 1.0) / rate)
-        tokens, last = max(0.0, tokens - 1.0), t
-    return {
-        "margin_min_ms": 1000 * min(margins) if margins else float("nan"),
-        "margins_under_10ms": sum(1 for m in margins if m < 0.010),
-    }
-
-
-def timeline(sandbox: SandboxProcess, *, rate: float, burst: float) -> dict[str, Any]:
-    """Submit rate over the steady part (middle 80% of submits), polls per job, detection lag,
-    and the closest calls to a 429 from the sandbox's bucket of `rate` and `burst`."""
-    data = sandbox.admin("GET", "timeline")
-    rows = [dict(zip(data["columns"], row, strict=True)) for row in data["rows"]]
-    rows.sort(key=lambda r: r["created"])
-    created = [r["created"] for r in rows]
-    n = len(created)
-    lo, hi = int(n * 0.1), int(n * 0.9) - 1
-    steady = (hi - lo) / (created[hi] - created[lo]) if n >= 10 and created[hi] > created[lo] else float("nan")
-    finished = [r for r in rows if r["completed"] is not None and r["seen_final_at"] is not None]
-    lags = sorted(r["seen_final_at"] - r["completed"] for r in finished)
-    return {
-        "predictions": n,
-        "steady_submit_rate": steady,
-        "polls_per_job": sum(r["polls"] for r in rows) / n if n else float("nan"),
-        # the same steady part: the jobs submitted before the run's first prediction ended poll
-        # from a default, not from the run's learned times
-        "polls_per_job_steady": statistics.fmean(r["polls"] for r in rows[lo : hi + 1]) if n >= 10 else float("nan"),
-        "lag_mean_s": statistics.fmean(lags) if lags else float("nan"),
-        "lag_p90_s": lags[int(len(lags) * 0.9)] if lags else float("nan"),
-        "median_delay_s": statistics.median(r["delay"] for r in rows) if rows else float("nan"),
-        **closest_calls(created, rate, burst),
-    }

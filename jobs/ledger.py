@@ -20,6 +20,7 @@ from typing import Any
 from jobs.errors import ConfigError, ServiceError
 from jobs.models import micros_to_usd
 from jobs.records import FINAL, OVERDUE, UNCERTAIN, RunStore
+from jobs.redisio import looked_in
 from jobs.storage import open_storage, stored_records
 
 MAX_DAYS = 180  # the service answers at most this many daily buckets
@@ -261,9 +262,7 @@ def run_records(
     meta = store.run_meta(run_id)
     if meta is not None:
         return "redis", [r.to_json() for r in store.iter_records(run_id)], _float(meta.get("created_at"))
-    from jobs.redisio import where
-
-    looked = f"Redis {where(store.client)} (key prefix {store.prefix!r})"
+    looked = looked_in(store.client, store.prefix)
     if not output:
         raise ConfigError(f"run {run_id!r} is not known to {looked}; pass --output to read its records from storage")
     storage = open_storage(output, run_id, endpoint_url=s3_endpoint)

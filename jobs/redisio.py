@@ -56,6 +56,11 @@ def where(client: redis.Redis) -> str:
     return f"{place}/{kwargs.get('db', 0)}"
 
 
+def looked_in(client: redis.Redis, prefix: str) -> str:
+    """Where runs were looked for, for a message that says so."""
+    return f"Redis {where(client)} (key prefix {prefix!r})"
+
+
 def _safe_url(url: str) -> str:
     """A Redis URL may carry a password: never print it."""
     if "@" in url:

@@ -39,6 +39,7 @@ from jobs.records import (
     JobRecord,
     RunStore,
 )
+from jobs.redisio import looked_in
 from jobs.report import write_report, write_run_report
 from jobs.s3check import checked_scan, s3_header
 from jobs.settings import environ_flag
@@ -303,9 +304,7 @@ class Runs:
     @property
     def where(self) -> str:
         """Where this looks for runs, for a message that says so: Redis host:port/db and key prefix."""
-        from jobs.redisio import where
-
-        return f"Redis {where(self.redis)} (key prefix {self.settings.prefix!r})"
+        return looked_in(self.redis, self.settings.prefix)
 
     def meta(self, run_id: str) -> dict[str, Any]:
         meta = self.store.run_meta(run_id)

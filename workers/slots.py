@@ -135,6 +135,16 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 
+# {capacity, whether the service pushed back within CAREFUL, slots in use}: one round trip for
+# the window and the poll schedule
+_STATE = (
+    _NOW_AND_CAP
+    + """
+local careful = tonumber(redis.call('HGET', KEYS[2], 'careful_until') or '0') > now
+return {string.format('%.6f', cap), careful and 1 or 0, redis.call('ZCARD', KEYS[1])}
+"""
+)
+
 
 class Slots:
     """`ceiling`: the most slots there may ever be (the user's cap, or the project's default)."""
@@ -152,8 +162,8 @@ class Slots:
         self._adjust = script(client, _ADJUST)
         self._renew = script(client, _RENEW)
         self._in_use = script(client, _IN_USE)
-        self._seen = (-1e9, 0.0)  # (read at, capacity), cached per process
-        self._scarce = (-1e9, False)
+        self._state = script(client, _STATE)
+        self._seen = (-1e9, 0, False)  # (read at, capacity, scarce), cached per process
         self._lock = threading.Lock()
 
     def _args(self, *more: object) -> list[str]:
@@ -179,37 +189,29 @@ class Slots:
         """The service refused a submit for load: fewer slots. The new capacity."""
         return float(self._adjust(keys=self._keys, args=self._args("shrink", BACK_OFF, CALM, HOLD, CAREFUL, "")))
 
-    @translated
     def capacity(self, refresh: float = 0.5) -> int:
         """The slots there are now (cached for `refresh` seconds: the window and the poll schedule
         follow it, and need not cost a round trip per job)."""
+        return self._read(refresh)[0]
+
+    def scarce(self, refresh: float = 0.5) -> bool:
+        """Whether the slots, not the rate, hold the run back: the service pushed back lately, or
+        the capacity reached the ceiling and is all taken. A finished prediction's slot is then
+        worth an early poll."""
+        return self._read(refresh)[1]
+
+    @translated
+    def _read(self, refresh: float) -> tuple[int, bool]:
         now = time.monotonic()
         with self._lock:
             if now - self._seen[0] < refresh:
-                return int(self._seen[1])
-        raw = self.client.hget(self.aimd_key, "cap")
-        cap = max(1.0, min(float(raw) if raw is not None else START, self.ceiling))
+                return self._seen[1], self._seen[2]
+        cap, careful, used = self._state(keys=self._keys, args=self._args())
+        cap = int(float(cap))
+        scarce = bool(int(careful)) or (cap >= self.ceiling and int(used) >= self.ceiling - 1)
         with self._lock:
-            self._seen = (now, cap)
-        return int(cap)
-
-    @translated
-    def scarce(self, refresh: float = 1.0) -> bool:
-        """Whether the slots, not the rate, hold the run back: the service pushed back lately, or
-        the capacity reached the ceiling and is all taken. A finished prediction's slot is then
-        worth an early poll. Cached for `refresh` seconds per process."""
-        now = time.monotonic()
-        with self._lock:
-            if now - self._scarce[0] < refresh:
-                return self._scarce[1]
-        until, cap = self.client.hmget(self.aimd_key, "careful_until", "cap")
-        t = self.client.time()
-        pushed = until is not None and float(until) > t[0] + t[1] / 1e6
-        cap_now = min(float(cap) if cap is not None else START, self.ceiling)
-        full = cap_now >= self.ceiling and self.in_use() >= self.ceiling - 1
-        with self._lock:
-            self._scarce = (now, pushed or full)
-        return pushed or full
+            self._seen = (now, cap, scarce)
+        return cap, scarce
 
     @translated
     def renew(self, holder: str) -> None:
