@@ -15,6 +15,7 @@ import click
 
 from jobs.catalogue import Catalogue, Prices, Schemas
 from jobs.cli_inputs import inputs_options, warn_uploads
+from jobs.cli_reuse import known_edits, reuse_options
 from jobs.config import AtlasConfig, Limits
 from jobs.errors import ConfigError, StorageError
 from jobs.estimate import Estimate, render_text
@@ -285,6 +286,7 @@ def validate(
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
 @output_opt
 @inputs_options
+@reuse_options
 def estimate_command(
     manifest: Path,
     model: str | None,
@@ -298,15 +300,21 @@ def estimate_command(
     inputs: str,
     inputs_bucket: str | None,
     allow_bulk_upload: bool,
+    reuse: bool,
+    reuse_from: tuple[str, ...],
 ) -> None:
-    """Cost (exact, per model) and the least time MANIFEST needs, before anything is spent."""
+    """Cost (exact, per model) and the least time MANIFEST needs, before anything is spent. With
+    --output, the rows whose edit is already stored there are counted apart: they cost nothing."""
     try:
         budget_micros = usd_to_micros(budget) if budget is not None else None
         limits = Limits.from_env(submit_rate=rate)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     with _validator(manifest, model, fmt, models_file) as checked:
-        result, est, _ = _checked_scan(checked.validator, budget_micros=budget_micros, rate=limits.submit_rate)
+        known = known_edits(output, reuse, reuse_from)
+        result, est, _ = _checked_scan(
+            checked.validator, budget_micros=budget_micros, rate=limits.submit_rate, known=known
+        )
     est.price_sources = checked.prices.to_dict(est.by_model)
     warn_uploads(checked.validator, output, inputs, inputs_bucket, allow_bulk_upload)
     if not result.ok:

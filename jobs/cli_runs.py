@@ -14,6 +14,7 @@ import click
 
 from jobs import progress_view
 from jobs.cli_inputs import bulk_upload_threshold, inputs_options
+from jobs.cli_reuse import reuse_options
 from jobs.config import Limits
 from jobs.errors import ConfigError, SeedreamError
 from jobs.inputs import InputsRefused
@@ -110,6 +111,7 @@ def _exit_code(p: Progress) -> int:
 )
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines of the local workers.")
 @inputs_options
+@reuse_options
 def run_command(
     manifest: Path,
     output: str,
@@ -133,8 +135,11 @@ def run_command(
     inputs: str,
     inputs_bucket: str | None,
     allow_bulk_upload: bool,
+    reuse: bool,
+    reuse_from: tuple[str, ...],
 ) -> None:
-    """Validate MANIFEST, check the budget, and run every row through the service."""
+    """Validate MANIFEST, check the budget, and run every row through the service. A row whose
+    edit is already stored under --output (or --reuse-from) is copied from there, not paid again."""
     from workers.atlas import AtlasClient, catalogue_client
     from workers.local import LocalWorkers
 
@@ -175,6 +180,8 @@ def run_command(
             inputs_bucket=inputs_bucket or "",
             allow_bulk_upload=allow_bulk_upload,
             bulk_upload_threshold=bulk_upload_threshold(),
+            reuse=reuse,
+            reuse_from=reuse_from,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -214,6 +221,7 @@ def run_command(
         est = started.estimate
         click.echo(
             f"run {started.run_id}: {started.jobs:,} jobs enqueued, estimated ${micros_to_usd(est.total_micros)}"
+            + (f" ({est.reused_jobs:,} reuse edits stored already)" if est.reused_jobs else "")
             + (f" (skipped {started.result.invalid_rows} invalid rows)" if started.result.invalid_rows else "")
         )
         if not wait:

@@ -14,6 +14,7 @@ from typing import Any
 
 from jobs.budget import worst_case
 from jobs.models import ModelTable, micros_to_usd
+from jobs.results import Plan
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
 
@@ -32,6 +33,12 @@ class Estimate:
     prices: array[int] = field(default_factory=lambda: array("q"), repr=False, compare=False)
     # model -> {price_usd, source, read_at?, why_not_live?}: where each price came from
     price_sources: dict[str, Any] = field(default_factory=dict)
+    reused_jobs: int = 0  # rows whose edit is already stored (jobs/results.py): copied, not paid
+    reused_micros: int = 0  # what those rows would have reserved
+
+    @property
+    def paid_jobs(self) -> int:
+        return self.jobs - self.reused_jobs
 
     def with_budget(self, budget_micros: int | None) -> Estimate:
         """The same estimate, with the jobs that fit `budget_micros` in manifest order."""
@@ -47,7 +54,7 @@ class Estimate:
     @property
     def min_seconds(self) -> float | None:
         """The least wall time the submit rate allows (every job waits for a submit token)."""
-        return self.jobs / self.rate if self.rate else None
+        return self.paid_jobs / self.rate if self.rate else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +69,8 @@ class Estimate:
             },
             "total_micros": self.total_micros,
             "total_usd": micros_to_usd(self.total_micros),
+            "reused_jobs": self.reused_jobs,
+            "reused_saved_usd": micros_to_usd(self.reused_micros),
             "budget_usd": None if self.budget_micros is None else micros_to_usd(self.budget_micros),
             "jobs_within_budget": self.fit_jobs,
             "cost_within_budget_usd": None if self.fit_micros is None else micros_to_usd(self.fit_micros),
@@ -72,26 +81,43 @@ class Estimate:
 
 
 def estimate(
-    jobs: Iterable[JobSpec], table: ModelTable, *, budget_micros: int | None = None, rate: float | None = None
+    jobs: Iterable[JobSpec],
+    table: ModelTable,
+    *,
+    budget_micros: int | None = None,
+    rate: float | None = None,
+    reuse: Plan | None = None,
 ) -> Estimate:
+    """With `reuse`, the rows it reuses cost nothing here and are counted apart."""
     est = Estimate(rate=rate)
     for job in jobs:
         spec = table.models[job.model]
         most = worst_case(spec.price_micros, job.params)  # what the job reserves: every image it may yield
         row = est.by_model.setdefault(job.model, {"jobs": 0, "price_micros": spec.price_micros, "cost_micros": 0})
         row["jobs"] += 1
-        row["cost_micros"] += most
         est.jobs += 1
+        if reuse is not None and reuse.reused(job.fingerprint):
+            row["reused"] = row.get("reused", 0) + 1
+            est.reused_jobs += 1
+            est.reused_micros += most
+            est.prices.append(0)
+            continue
+        row["cost_micros"] += most
         est.total_micros += most
         est.prices.append(most)
     return est.with_budget(budget_micros)
 
 
 def scan(
-    validator: Validator, *, budget_micros: int | None = None, rate: float | None = None
+    validator: Validator,
+    *,
+    budget_micros: int | None = None,
+    rate: float | None = None,
+    known: set[str] | None = None,
 ) -> tuple[Result, Estimate, list[str]]:
     """One streaming pass over a manifest: its problems, the estimate of its valid rows, and the
-    metadata columns in first-seen order."""
+    metadata columns in first-seen order. With `known` (the fingerprints already in the results
+    indexes; None: reuse is off) rows that will be reused are counted apart."""
     result = Result()
     columns: dict[str, None] = {}
 
@@ -107,7 +133,8 @@ def scan(
                 result.invalid_rows += 1 if item and item[0].line else 0
                 result.add(item)
 
-    est = estimate(valid_jobs(), validator.table, budget_micros=budget_micros, rate=rate)
+    plan = Plan(known) if known is not None else None
+    est = estimate(valid_jobs(), validator.table, budget_micros=budget_micros, rate=rate, reuse=plan)
     return result, est, list(columns)
 
 
@@ -126,6 +153,11 @@ def render_text(est: Estimate) -> str:
             f"{'$' + micros_to_usd(row['cost_micros']):>12}"
         )
     lines.append(f"{'total':34} {est.jobs:>8,} {'':>8} {'$' + micros_to_usd(est.total_micros):>12}")
+    if est.reused_jobs:
+        lines.append(
+            f"{est.reused_jobs:,} of {est.jobs:,} rows reuse an edit stored already or made by an earlier row "
+            f"(not paid again: up to ${micros_to_usd(est.reused_micros)}); the total is for the other {est.paid_jobs:,}"
+        )
     if est.budget_micros is not None:
         verdict = (
             "the whole batch fits"

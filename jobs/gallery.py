@@ -23,6 +23,9 @@ _TEMPLATE = Path(__file__).with_name("gallery.html")
 PAGE_SIZE = 60
 
 
+CARD_FIELDS = ("id", "line", "status", "model", "prompt", "metadata", "cost", "error", "inputs", "reused")
+
+
 def job_view(d: dict[str, Any], line_error: str) -> dict[str, Any]:
     """What a card shows of one job (its durable record), nothing more."""
     return {
@@ -35,6 +38,7 @@ def job_view(d: dict[str, Any], line_error: str) -> dict[str, Any]:
         "cost": micros_to_usd(int(d.get("cost_micros") or 0)),
         "error": line_error,
         "inputs": [str(v) for v in d.get("images") or []],
+        "reused": str(d.get("reused_from") or ""),
     }
 
 
@@ -48,7 +52,7 @@ def render(
     """The page; `link` turns a storage key into the href the page uses (relative, or presigned)."""
     cards = []
     for j in jobs:
-        card = {k: j[k] for k in ("id", "line", "status", "model", "prompt", "metadata", "cost", "error", "inputs")}
+        card = {k: j.get(k, "") for k in CARD_FIELDS}
         card["in"] = [link(k) if k else "" for k in j.get("thumbs_in", [])]
         card["out"] = [link(k) if k else "" for k in j.get("thumbs_out", [])]
         card["full"] = [link(k) if k else "" for k in j.get("full_out", [])]
@@ -67,6 +71,9 @@ def render(
         *((f"cost, {m}", f"${c}") for m, c in by_model.items()),
         ("wall time", _duration(summary.get("wall_seconds"))),
     ]
+    if summary.get("reused"):  # beside the total cost, before the cost of each model
+        saved = f"{summary['reused']:,} (${summary.get('saved_usd')} not spent again)"
+        facts.insert(len(facts) - 1 - len(by_model), ("reused", saved))
     if budget.get("cap_usd") is not None:
         facts.append(("budget used", f"${budget.get('spent_usd')} of ${budget.get('cap_usd')}"))
     header = "".join(f'<div class="fact"><b>{e(v)}</b><span>{e(k)}</span></div>' for k, v in facts)

@@ -32,8 +32,9 @@ def line(p: Progress) -> str:
     if p.budget_stopped:
         halted += f" [budget stopped: {p.budget_stopped}]"
     overdue = f", {c.get('overdue', 0):,} overdue (`reconcile` polls them again)" if c.get("overdue") else ""
+    reused = f" ({c['reused']:,} reused)" if c.get("reused") else ""
     return (
-        f"{p.finished:,}/{p.total:,} done: {c.get('succeeded', 0):,} ok, {c.get('failed', 0):,} failed, "
+        f"{p.finished:,}/{p.total:,} done: {c.get('succeeded', 0):,} ok{reused}, {c.get('failed', 0):,} failed, "
         f"{c.get('skipped', 0):,} skipped, {c.get('uncertain', 0):,} uncertain{overdue}; "
         f"${micros_to_usd(p.cost_micros)} spent; {p.rate:.2f} jobs/s{eta}{halted}"
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -161,6 +161,9 @@ class JobRecord:
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier attempts' endings, oldest first
     posted_at: float | None = None  # the POST of this attempt left (or was about to) at this time
     wake_at: float | None = None  # a wait longer than the broker holds: the job sleeps until then
+    reuse_look: bool = False  # its edit may be in the results index already: read it before paying
+    reused_from: str = ""  # "<run>/<job>" whose stored outputs this job copied instead of paying
+    saved_micros: int = 0  # what the reused edit cost when it was made: not spent again
 
     @property
     def final(self) -> bool:
@@ -218,6 +221,9 @@ class JobRecord:
             "submitted_at": self.submitted_at,
             "posted_at": self.posted_at,
             "finished_at": self.finished_at,
+            "fingerprint": self.spec.fingerprint,
+            "reused_from": self.reused_from,
+            "saved_micros": self.saved_micros,
         }
 
 
@@ -232,6 +238,7 @@ def spec_to_json(spec: JobSpec) -> str:
             "params": spec.params,
             "metadata": spec.metadata,
             "images": [[i.kind, i.value, i.path] for i in spec.images],
+            "fp": spec.fingerprint,
         },
         separators=(",", ":"),
     )
@@ -248,6 +255,7 @@ def spec_from_json(text: str) -> JobSpec:
         params=d.get("params") or {},
         metadata=d.get("metadata") or {},
         images=tuple(ImageRef(k, v, p) for k, v, p in d["images"]),
+        fingerprint=d.get("fp") or "",
     )
 
 
@@ -373,11 +381,19 @@ class RunStore:
 
     @translated
     def add_jobs(
-        self, run_id: str, specs: Iterable[JobSpec], token: str, *, state: str = PENDING, waiting: bool = True
+        self,
+        run_id: str,
+        specs: Iterable[JobSpec],
+        token: str,
+        *,
+        state: str = PENDING,
+        waiting: bool = True,
+        look: Callable[[str], bool] | None = None,
     ) -> list[str]:
         """Create job records (pipelined), append them to the run's ordered list and, unless the
         caller has more to set first, to its backlog (in the same round trip: a crash right after
-        leaves no job that nothing will ever drive)."""
+        leaves no job that nothing will ever drive). `look` marks the jobs whose edit the results
+        index may hold already (jobs/results.py)."""
         ids: list[str] = []
         pipe = self.client.pipeline(transaction=False)
         now = repr(time.time())
@@ -392,6 +408,7 @@ class RunStore:
                     "attempts": 0,
                     "polls": 0,
                     "cost_micros": 0,
+                    "reuse_look": "1" if look is not None and look(spec.fingerprint) else "",
                 },
             )
             ids.append(spec.id)
@@ -598,4 +615,7 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
         submitted_at=num("submitted_at"),
         finished_at=num("finished_at"),
         created_at=num("created_at"),
+        reuse_look=raw.get("reuse_look") == "1",
+        reused_from=raw.get("reused_from", ""),
+        saved_micros=int(raw.get("saved_micros") or 0),
     )

@@ -38,6 +38,7 @@ COLUMNS = [
     "attempts",
     "error",
     "history",
+    "reused_from",
 ]
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -88,6 +89,7 @@ def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list
         d.get("attempts") or 0,
         error,
         history_text(d),
+        d.get("reused_from") or "",
     ]
     meta = d.get("metadata") or {}
     values += [meta.get(c, "") for c in metadata_columns]
@@ -116,6 +118,7 @@ def write_report(
     total_micros = 0
     views: list[dict[str, Any]] = []
     reasons: Counter[str] = Counter()
+    reused = saved = 0
     for rec in records:
         d = rec.to_json() if isinstance(rec, JobRecord) else rec
         row = row_of(d, metadata_columns)
@@ -125,6 +128,9 @@ def write_report(
         view["image_refs"] = _refs(rec, meta)
         views.append(view)
         counts[d["state"]] += 1
+        if d.get("reused_from"):
+            reused += 1
+            saved += int(d.get("saved_micros") or 0)
         if d["state"] != "succeeded":
             reasons[f"{d['state']}:{d.get('reason') or 'unknown'}"] += 1
         cost = total_cost(d)
@@ -144,6 +150,8 @@ def write_report(
         "total_cost_usd": micros_to_usd(total_micros),
         "total_cost_micros": total_micros,
         "cost_by_model_usd": {m: micros_to_usd(c) for m, c in sorted(cost_by_model.items())},
+        "reused": reused,  # jobs that copied an edit already stored instead of paying for it
+        "saved_usd": micros_to_usd(saved),  # what those edits cost when they were made
         "budget_scope": meta.get("budget_scope"),
         "wall_seconds": round(now - started, 3),
         "jobs_per_second": round(finished / (now - started), 3) if now > started else None,

@@ -12,19 +12,21 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from jobs import results
 from jobs.backlog import Backlog
 from jobs.budget import Budget, ledger_key, worst_case
 from jobs.catalogue import Catalogue, CatalogueClient, Prices, Schemas
+from jobs.claims import root_id
 from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import Estimate
 from jobs.inputs import InputsRefused, upload_verdict
 from jobs.inputs import plan as plan_inputs
-from jobs.models import ModelTable
+from jobs.models import ModelTable, micros_to_usd
 from jobs.preflight import Verdict, account_balance, check
 from jobs.records import (
     FAILED,
@@ -41,9 +43,10 @@ from jobs.records import (
 )
 from jobs.redisio import looked_in
 from jobs.report import write_report, write_run_report
+from jobs.results import FINGERPRINT, Plan, ResultsIndex, reuse_roots
 from jobs.s3check import checked_scan, s3_header
 from jobs.settings import environ_flag
-from jobs.storage import Storage, open_storage, stored_records
+from jobs.storage import Storage, open_output, open_storage, stored_records
 from jobs.thumbs import input_reader
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
@@ -91,6 +94,8 @@ class RunOptions:
     inputs_bucket: str = ""
     allow_bulk_upload: bool = False
     bulk_upload_threshold: int = 100
+    reuse: bool = True  # rows whose edit is already stored are copied, not paid again
+    reuse_from: tuple[str, ...] = ()  # other outputs whose results indexes are read as well
 
 
 @dataclass
@@ -139,7 +144,14 @@ def start_run(
         schemas=schemas,
     )
     inputs = plan_inputs(opts.inputs, opts.output, opts.inputs_bucket)
-    result, est, metadata_columns = checked_scan(validator, lambda: s3_header(opts.s3_endpoint))
+    # The run's own output's index is written to even with --no-reuse (later runs may reuse
+    # what it pays for); it is read only with reuse on.
+    roots = reuse_roots(opts.output, opts.reuse_from if opts.reuse else ())
+    indexes = (ResultsIndex(open_output(r, endpoint_url=opts.s3_endpoint)) for r in roots)
+    known = results.known(indexes) if opts.reuse else set()
+    result, est, metadata_columns = checked_scan(
+        validator, lambda: s3_header(opts.s3_endpoint), known=known if opts.reuse else None
+    )
     est.price_sources = prices.to_dict(est.by_model)
     if (not result.ok and not opts.skip_invalid) or result.jobs == 0:
         raise ManifestRefused(result, schemas.lines() if schemas is not None else None)
@@ -176,6 +188,11 @@ def start_run(
     if not verdict.ok:
         raise PreflightRefused(verdict)
     messages += verdict.messages
+    if est.reused_jobs:
+        messages.append(
+            f"{est.reused_jobs:,} of {est.jobs:,} rows reuse an edit stored already or made by an earlier row: "
+            f"copied, not paid again (up to ${micros_to_usd(est.reused_micros)} saved; --no-reuse pays anew)"
+        )
     meta = {
         "run_id": run_id,
         "output": opts.output,
@@ -197,6 +214,9 @@ def start_run(
         "ready": settings.limits.admission_ready,
         "s3_endpoint": opts.s3_endpoint,
         **inputs.meta(),
+        "reuse": opts.reuse,
+        "reuse_roots": roots,  # the run's own output first: where its edits are looked up
+        "reuse_claims": root_id(roots[0]),
         "created_at": time.time(),
         "skipped_invalid_rows": result.invalid_rows,
     }
@@ -208,14 +228,15 @@ def start_run(
     storage.put_json("run.json", {**durable, **extra})
     count = 0
     batch: list[JobSpec] = []
+    look = Plan(known).reused if opts.reuse else None
     for spec in validator.jobs():
         batch.append(spec)
         if len(batch) == 1000:
-            count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN))
+            count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN, look=look))
             admit(run_id)  # workers start on the first rows while the rest are read
             batch = []
     if batch:
-        count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN))
+        count += len(store.add_jobs(run_id, batch, INITIAL_TOKEN, look=look))
     admit(run_id)
     store.set_run(run_id, enqueued=count)
     return Started(
@@ -260,8 +281,6 @@ class Progress:
         return (self.total - self.finished) / self.rate if self.rate > 0 else None
 
     def to_json(self) -> dict[str, Any]:
-        from jobs.models import micros_to_usd
-
         return {  # `status --json`: fields are only ever added; a change of meaning bumps the schema
             "schema": 1,
             "run_id": self.run_id,
@@ -271,6 +290,7 @@ class Progress:
             "counts": {s: self.counts.get(s, 0) for s in FINAL},
             "in_progress": self.total - self.finished,
             "submitted": self.counts.get("submitted", 0),
+            "reused": self.counts.get("reused", 0),  # succeeded by copying an edit already stored
             "cost_usd": micros_to_usd(self.cost_micros),
             "cost_micros": self.cost_micros,
             "elapsed_seconds": round(self.elapsed, 3),
@@ -564,9 +584,11 @@ class Runs:
         batch: list[JobSpec] = []
 
         def flush() -> None:
-            ids = self.store.add_jobs(run_id, batch, token, waiting=False)  # let in once restored
-            for spec, jid in zip(batch, ids, strict=True):
-                rec = storage.get_json(f"records/{jid}.json")
+            recs = [storage.get_json(f"records/{spec.id}.json") for spec in batch]
+            # the row's fingerprint as the run first had it (files are not read again here)
+            specs = [with_fingerprint(spec, rec) for spec, rec in zip(batch, recs, strict=True)]
+            ids = self.store.add_jobs(run_id, specs, token, waiting=False)  # let in once restored
+            for spec, jid, rec in zip(specs, ids, recs, strict=True):
                 if not isinstance(rec, dict):
                     todo.append(jid)
                     continue
@@ -589,6 +611,8 @@ class Runs:
                     "charge": str(charge),
                     "history": history,
                     "record_written": "1",
+                    "reused_from": str(rec.get("reused_from") or ""),
+                    "saved_micros": str(int(rec.get("saved_micros") or 0)),
                 }
                 entry = ledger_key(run_id, jid, charge)
                 state = rec.get("state")
@@ -600,7 +624,7 @@ class Runs:
                     todo.append(jid)
                 elif state in FINAL:
                     self.store.update(run_id, jid, **fields)
-                    self.store.transition(run_id, jid, PENDING, state)
+                    self.store.transition(run_id, jid, PENDING, state, bump="reused" if fields["reused_from"] else "")
                     if cost:
                         budget.settle(entry, cost)
                 elif state == "submitting":
@@ -635,6 +659,11 @@ class Runs:
         self.backlog.push(run_id, todo)
         admit(run_id)
         return len(todo)
+
+
+def with_fingerprint(spec: JobSpec, rec: Any) -> JobSpec:
+    fp = rec.get("fingerprint") if isinstance(rec, dict) else None
+    return replace(spec, fingerprint=fp) if isinstance(fp, str) and FINGERPRINT.fullmatch(fp) else spec
 
 
 def report_from_storage(

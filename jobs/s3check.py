@@ -19,7 +19,8 @@ from jobs.estimate import Estimate, scan
 from manifests.validate import MAX_IMAGE_BYTES, Result, Validator
 
 THREADS = 32
-Head = Callable[[str], str | None]
+Checked = tuple[str | None, str]  # (the problem or None, the ETag or "")
+Head = Callable[[str], Checked]
 
 
 def s3_client(endpoint_url: str | None = None, threads: int = THREADS) -> Any:
@@ -44,25 +45,25 @@ def header(client: Any) -> Head:
     (no answer, no keys) is no object's problem: it stops the whole check as a StorageError."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    def head(uri: str) -> str | None:
+    def head(uri: str) -> Checked:
         bucket, _, key = uri[5:].partition("/")
         try:
             got = client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-                return "does not exist"
+                return "does not exist", ""
             if code in ("403", "AccessDenied", "Forbidden"):
-                return "cannot be read with these credentials (access denied)"
-            return f"cannot be checked ({code or exc})"
+                return "cannot be read with these credentials (access denied)", ""
+            return f"cannot be checked ({code or exc})", ""
         except BotoCoreError as exc:
             raise StorageError(f"s3:// inputs cannot be checked: {type(exc).__name__}: {exc}") from None
         size = int(got.get("ContentLength") or 0)
         if size > MAX_IMAGE_BYTES:
-            return f"is {size / 1048576:.1f} MB; the service takes at most 10 MB"
+            return f"is {size / 1048576:.1f} MB; the service takes at most 10 MB", ""
         if size == 0:
-            return "is empty"
-        return None
+            return "is empty", ""
+        return None, str(got.get("ETag") or "")
 
     return head
 
@@ -71,10 +72,10 @@ def s3_header(endpoint_url: str | None = None) -> Head:
     return header(s3_client(endpoint_url))
 
 
-def head_all(uris: Iterable[str], head: Head, threads: int = THREADS) -> Iterator[tuple[str, str | None]]:
-    """(uri, problem or None) for each, as they finish; at most 4 checks a thread pending."""
+def head_all(uris: Iterable[str], head: Head, threads: int = THREADS) -> Iterator[tuple[str, Checked]]:
+    """(uri, (problem or None, ETag)) for each, as they finish; at most 4 checks a thread pending."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="s3-head") as pool:
-        pending: dict[Future[str | None], str] = {}
+        pending: dict[Future[Checked], str] = {}
         try:
             for uri in uris:
                 pending[pool.submit(head, uri)] = uri
@@ -92,8 +93,8 @@ def head_all(uris: Iterable[str], head: Head, threads: int = THREADS) -> Iterato
 def check_s3_inputs(validator: Validator, head: Head, threads: int = THREADS) -> int:
     """HEAD every s3:// input the validator met and has not checked; the number found wanting."""
     bad = 0
-    for uri, problem in head_all(validator.unchecked_s3(), head, threads):
-        validator.s3_checked(uri, problem)
+    for uri, (problem, etag) in head_all(validator.unchecked_s3(), head, threads):
+        validator.s3_checked(uri, problem, etag)
         bad += problem is not None
     return bad
 
@@ -104,11 +105,14 @@ def checked_scan(
     *,
     budget_micros: int | None = None,
     rate: float | None = None,
+    known: set[str] | None = None,
 ) -> tuple[Result, Estimate, list[str]]:
-    """`scan`, with the s3:// inputs checked. Only when an object is found wanting is the manifest
-    read again, so that each row using it is counted and named at its own line. `make_head` is
-    called only when there is something to check: a manifest without s3:// inputs needs no S3."""
-    result, est, columns = scan(validator, budget_micros=budget_micros, rate=rate)
-    if make_head is not None and validator.has_unchecked_s3() and check_s3_inputs(validator, make_head()):
-        result, est, columns = scan(validator, budget_micros=budget_micros, rate=rate)
+    """`scan`, with the s3:// inputs checked. Only when an object is found wanting, or rows may
+    be reused (their fingerprints need the objects' ETags), is the manifest read again, so that
+    each row using it is counted and named at its own line. `make_head` is called only when
+    there is something to check: a manifest without s3:// inputs needs no S3."""
+    result, est, columns = scan(validator, budget_micros=budget_micros, rate=rate, known=known)
+    checks = make_head is not None and validator.has_unchecked_s3()
+    if checks and make_head is not None and (check_s3_inputs(validator, make_head()) or known is not None):
+        result, est, columns = scan(validator, budget_micros=budget_micros, rate=rate, known=known)
     return result, est, columns

@@ -7,9 +7,12 @@ botocore errors become StorageError here, where they enter.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mimetypes
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -39,6 +42,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def uri(self, key: str) -> str: ...
     def presign(self, key: str, seconds: int) -> str: ...
+    def copy_in(self, source: Storage, source_key: str, key: str, metadata: Mapping[str, str]) -> str | None: ...
 
 
 def _dumps(obj: Any) -> bytes:
@@ -61,6 +65,14 @@ class _JsonOnBytes:
         data = self.get_bytes(key)
         return None if data is None else json.loads(data)
 
+    def copy_in(self, source: Storage, source_key: str, key: str, metadata: Mapping[str, str]) -> str | None:
+        """Another store's object under `key` here; None when it is not there. Across kinds of
+        store the bytes pass through this process; S3 to S3 and folder to folder they do not."""
+        data = source.get_bytes(source_key)
+        if data is None:
+            return None
+        return self.put_bytes(key, data, content_type(key), metadata)
+
 
 class LocalStorage(_JsonOnBytes):
     """A folder; writes go to a temp file and are renamed, so a reader never sees half a file."""
@@ -81,6 +93,24 @@ class LocalStorage(_JsonOnBytes):
             os.replace(tmp, path)
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return str(path)
+
+    def copy_in(self, source: Storage, source_key: str, key: str, metadata: Mapping[str, str]) -> str | None:
+        if not isinstance(source, LocalStorage):
+            return super().copy_in(source, source_key, key, metadata)
+        path, origin = self._path(key), source._path(source_key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            os.close(fd)
+            shutil.copyfile(origin, tmp)
+            os.replace(tmp, path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot copy to {path}: {exc.strerror or exc}") from None
         return str(path)
 
     def get_bytes(self, key: str) -> bytes | None:
@@ -131,6 +161,7 @@ class S3Storage(_JsonOnBytes):
                 read_timeout=30,
                 retries={"max_attempts": 3, "mode": "standard"},
                 signature_version="s3v4",
+                max_pool_connections=32,  # the results index is listed 16 shards at a time
             ),
         )
 
@@ -164,6 +195,23 @@ class S3Storage(_JsonOnBytes):
             Metadata=meta,
         )
         return f"s3://{self.bucket}/{full}"
+
+    def copy_in(self, source: Storage, source_key: str, key: str, metadata: Mapping[str, str]) -> str | None:
+        """A server-side copy (no bytes through this process) when both are in S3."""
+        if not isinstance(source, S3Storage):
+            return super().copy_in(source, source_key, key, metadata)
+        full = self._key(key)
+        done = self._call(
+            "copy",
+            self.client.copy_object,
+            Bucket=self.bucket,
+            Key=full,
+            CopySource={"Bucket": source.bucket, "Key": source._key(source_key)},
+            MetadataDirective="REPLACE",
+            ContentType=content_type(key),
+            Metadata={k: _ascii(v) for k, v in metadata.items()},
+        )
+        return None if done is None else f"s3://{self.bucket}/{full}"
 
     def get_bytes(self, key: str) -> bytes | None:
         out = self._call("get", self.client.get_object, Bucket=self.bucket, Key=self._key(key))
@@ -211,6 +259,10 @@ def stored_records(storage: Storage) -> list[dict[str, Any]]:
     return [r for r in records if isinstance(r, dict)]
 
 
+def content_type(key: str) -> str:
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
 def _ascii(value: str) -> str:
     return value.encode("ascii", "replace").decode()[:256]
 
@@ -219,6 +271,8 @@ def open_storage(output: str, run_id: str, *, endpoint_url: str | None = None) -
     """The run's own store: `<output>/<run_id>/` in S3 or on disk."""
     if not _SEGMENT.fullmatch(run_id) or set(run_id) == {"."}:
         raise ConfigError(f"run id {run_id!r}: use letters, digits, '.', '_', '-'")
+    if run_id.startswith("_"):  # `_results/` and its like belong to the output, not to a run
+        raise ConfigError(f"run id {run_id!r}: must not start with '_'")
     return open_output(output, under=run_id, endpoint_url=endpoint_url)
 
 

@@ -41,3 +41,4 @@ class JobSpec:
     size: str | None = None  # normalised to "W*H"
     params: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # the request's (manifests/fingerprint.py); "" when it cannot be known

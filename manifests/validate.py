@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from jobs.images import NotAnImage, inspect
 from jobs.models import RESERVED_PARAMS, UNSUPPORTED_PARAMS, ModelSpec, ModelTable
 from manifests.addresses import is_internal_host
+from manifests.fingerprint import file_token, fingerprint, s3_token, url_token
 from manifests.reader import Header, RawRow, detect_format, read_rows
 from manifests.service_schema import ServiceSchema
 from manifests.spec import ImageRef, JobSpec, Problem
@@ -95,6 +96,8 @@ class Validator:
         self._file_checks: dict[str, str | None] = {}
         # each distinct s3:// input: its problem once checked (jobs/s3check.py), "" before
         self._s3_checks: dict[str, str | None] = {}
+        self._file_hashes: dict[str, str] = {}  # path -> SHA-256 of its bytes, for fingerprints
+        self._s3_etags: dict[str, str] = {}  # s3:// URI -> ETag, from the HEAD that checked it
 
     def results(self) -> Iterator[JobSpec | list[Problem]]:
         """Each row as a JobSpec or the list of its problems; file-level problems as lists too."""
@@ -147,9 +150,22 @@ class Validator:
     def unchecked_s3(self) -> list[str]:
         return [uri for uri, v in self._s3_checks.items() if v == ""]
 
-    def s3_checked(self, uri: str, problem: str | None) -> None:
-        """The HEAD's verdict on `uri`: a problem makes each row using it invalid from now on."""
+    def s3_checked(self, uri: str, problem: str | None, etag: str = "") -> None:
+        """The HEAD's verdict on `uri`: a problem makes each row using it invalid from now on;
+        its ETag stands for its content in the rows' fingerprints."""
         self._s3_checks[uri] = problem
+        if etag:
+            self._s3_etags[uri] = etag
+
+    def _input_token(self, ref: ImageRef) -> str | None:
+        """What stands for an input's content in the row's fingerprint (manifests/fingerprint.py);
+        None while it is unknown (an s3:// object not checked yet): the row then has none."""
+        if ref.kind == "url":
+            return url_token(ref.value)
+        if ref.kind == "s3":
+            return s3_token(ref.value, self._s3_etags.get(ref.value))
+        digest = self._file_hashes.get(ref.path or "")
+        return file_token(digest) if digest else None
 
     def jobs(self) -> Iterator[JobSpec]:
         for item in self.results():
@@ -274,6 +290,7 @@ class Validator:
         if problems:
             return problems
         assert isinstance(job_id, str) and isinstance(prompt, str) and spec is not None
+        tokens = [self._input_token(ref) for ref in images]
         return JobSpec(
             line=line,
             id=job_id,
@@ -283,6 +300,7 @@ class Validator:
             size=size,
             params=params,
             metadata=metadata,
+            fingerprint=fingerprint(spec.id, prompt, tokens, size, params),
         )
 
     def _images(self, value: Any, line: int, problems: list[Problem]) -> tuple[tuple[ImageRef, ...], int]:
@@ -361,7 +379,9 @@ class Validator:
                 error = f"is {size / 1048576:.1f} MB; the service takes at most 10 MB"
             else:
                 with open(path, "rb") as fh:
-                    info = inspect(fh.read())
+                    data = fh.read()
+                info = inspect(data)
+                self._file_hashes[path] = hashlib.sha256(data).hexdigest()
                 if info.width < MIN_SIDE or info.height < MIN_SIDE:
                     error = f"is {info.width}x{info.height} px; each side must be more than 14 px"
         except FileNotFoundError:

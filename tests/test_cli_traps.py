@@ -56,7 +56,7 @@ def test_runs_lists_finished_runs_with_their_costs_from_redis_and_from_storage(p
     out = pipe.tmp / "out"
     ids = []
     for budget in ("1", "2"):
-        done = pipe.cli("run", str(manifest), "--output", str(out), "--budget", budget, "--wait")
+        done = pipe.cli("run", str(manifest), "--output", str(out), "--budget", budget, "--no-reuse", "--wait")
         assert done.returncode == 0, done.stderr
         ids.append(run_id_of(done.stdout))
     listed = pipe.cli("runs", "--json")

@@ -88,7 +88,7 @@ def test_s3_output_sends_links_stages_local_files_once_and_keeps_no_link(
     counts = pipe.runs().store.counts(run_id)
     assert counts.get("inputs_staged") == 3 and not counts.get("inputs_found")
 
-    second = pipe.cli("run", str(manifest), "--output", output, "--wait")
+    second = pipe.cli("run", str(manifest), "--output", output, "--no-reuse", "--wait")  # paid again
     assert second.returncode == 0, second.stdout + second.stderr
     again = pipe.runs().store.counts(run_id_of(second.stdout))
     assert not again.get("inputs_staged") and again.get("inputs_found") == 3  # nothing staged again

@@ -400,7 +400,7 @@ def test_resume_is_refused_on_a_live_run_and_two_resumes_never_double_the_report
     assert rconn.llen(f"{pipe.prefix}:run:{run_id}:jobs") == 12  # each job listed once
     pipe.start_workers(2)
     pipe.wait_done(run_id, timeout=150)
-    pipe.runs().wait_wrapped_up(run_id, notify=False, timeout=30)
+    assert pipe.runs().wait_wrapped_up(run_id, notify=False, timeout=90), "the report was not written"
     report = _report(out, run_id)
     assert [r["id"] for r in report] == [f"sku{i:02d}" for i in range(12)]
     assert _never_sent_uncertain(pipe, report) == []

@@ -11,11 +11,13 @@ import redis
 
 from jobs.backlog import Backlog
 from jobs.budget import Budget
+from jobs.claims import Claims
 from jobs.config import AtlasConfig, Limits
 from jobs.control import RunControl
 from jobs.errors import ConfigError, StateError
 from jobs.records import RunStore
 from jobs.redisio import DEFAULT_PREFIX, connect
+from jobs.results import ResultsIndex
 from jobs.storage import Storage, open_output, open_storage
 from workers.atlas import AtlasClient
 from workers.polling import PollTimes
@@ -85,6 +87,7 @@ class Context:
         self.polls = PollTimes(self.redis, settings.prefix)
         self.uploads = UploadCache(self.redis, settings.prefix)
         self.backlog = Backlog(self.redis, self.runs)
+        self.claims = Claims(self.redis, prefix=settings.prefix)
         self.limiter = RateLimiter(self.redis, key_id, settings.limits, prefix=settings.prefix)
         self.slots = Slots(
             self.redis,
@@ -127,15 +130,21 @@ class Context:
                 self._storages[run_id] = open_storage(meta["output"], run_id, endpoint_url=endpoint)
             return self._storages[run_id]
 
-    def stage(self, root: str, run_id: str) -> Storage:
-        """Where the run's local inputs are staged (`<output>/inputs/` or the inputs bucket)."""
+    def root(self, root: str, run_id: str) -> Storage:
+        """A store that is not a run's own: where local inputs are staged (`<output>/inputs/` or
+        the inputs bucket), or an output whose results index the run reads."""
         with self._lock:
-            key = f"stage:{root}"
+            key = f"root:{root}"
             if key not in self._storages:
                 meta = self._meta.get(run_id) or {}
                 endpoint = self.settings.s3_endpoint or meta.get("s3_endpoint")
                 self._storages[key] = open_output(root, endpoint_url=endpoint)
             return self._storages[key]
+
+    def indexes(self, run_id: str) -> list[ResultsIndex]:
+        """The results indexes the run reads, its own output's first (jobs/results.py)."""
+        meta = self.meta(run_id)
+        return [ResultsIndex(self.root(uri, run_id)) for uri in meta.get("reuse_roots") or []]
 
     def budget(self, scope: str) -> Budget:
         with self._lock:

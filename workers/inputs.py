@@ -115,7 +115,7 @@ def _stage(ctx: Context, rec: JobRecord, root: str, value: str, sha: str, data: 
         ctx.uploads.release(rec.run_id, f"stage-{sha}")
         return InputFailed(f"input {value} is not an image: {exc}", "input")
     key = f"{sha}.{info.extension}"
-    storage = ctx.stage(root, rec.run_id)
+    storage = ctx.root(root, rec.run_id)
     try:
         if storage.exists(key):
             ctx.runs.bump(rec.run_id, "inputs_found")

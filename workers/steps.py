@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.budget import ledger_key, worst_case
+from jobs.claims import DONE, FRESH, HELD, MINE
 from jobs.control import AUTH, PAYMENT, refused_by
 from jobs.errors import (
     AuthError,
@@ -44,6 +45,7 @@ from jobs.records import (
     UNCERTAIN,
     JobRecord,
 )
+from jobs.results import Entry, find, new_entry
 from jobs.secret import redact_links
 from jobs.thumbs import store_output_thumbnail
 from workers import events
@@ -58,6 +60,7 @@ log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
 STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
+REUSE_WAIT = 1.0  # how often a job waiting for another's identical edit looks again
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,9 @@ def _end(
         _settle(ctx, meta, rec, cost)
         if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
             ctx.slots.release(f"{rec.run_id}:{rec.id}")
+        if meta.get("reuse") and rec.spec.fingerprint:  # the rows waiting on this edit go on
+            holder = f"{rec.run_id}:{rec.id}"
+            ctx.claims.end(meta["reuse_claims"], rec.spec.fingerprint, holder, succeeded=to == SUCCEEDED)
     return NEXT  # the loop in `advance` reads the state the job is really in
 
 
@@ -247,6 +253,69 @@ def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
     return False
 
 
+# -- reuse: an edit already stored is copied, not paid again ----------------------------------
+
+
+def _reuse(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
+    """Take the claim on the job's edit (jobs/claims.py) and, where the edit may be stored, copy
+    its outputs: the job then succeeds at no cost, nothing reserved, no slot or send taken. A
+    countdown while another job makes the same edit or storage fails; None: this job pays for it."""
+    root, fp, me = meta["reuse_claims"], rec.spec.fingerprint, f"{rec.run_id}:{rec.id}"
+    got = ctx.claims.take(root, fp, me)
+    if got == HELD:
+        if not rec.reuse_look:  # once it is made, look for it
+            ctx.runs.update(rec.run_id, rec.id, reuse_look="1")
+        return REUSE_WAIT
+    if got != DONE and not rec.reuse_look:
+        return None
+    try:
+        found = _copy_stored(ctx, rec)
+    except StorageError as exc:
+        k = ctx.runs.incr(rec.run_id, rec.id, "store_attempts")
+        events.retry(rec, "reuse", k, str(exc))
+        if k < ctx.settings.max_store_attempts:
+            return backoff(k, 1.0, 30.0)
+        found = None
+    if found is not None:
+        entry, uris, foreign = found
+        if foreign:  # copied in from another output (--reuse-from): later runs into this one find it here
+            _index_copy(ctx, rec, entry, uris)
+        return _end(ctx, meta, rec, PENDING, SUCCEEDED, bump="reused", outputs=uris,
+                    reused_from=f"{entry.run_id}/{entry.job_id}", saved_micros=str(entry.cost_micros))  # fmt: skip
+    ctx.runs.update(rec.run_id, rec.id, reuse_look="")  # not stored (or its outputs are gone): pay for it
+    rec.reuse_look = False
+    if got == DONE and ctx.claims.take(root, fp, me, over_done=True) not in (FRESH, MINE):
+        return REUSE_WAIT
+    return None
+
+
+def _copy_stored(ctx: Context, rec: JobRecord) -> tuple[Entry, list[str], bool] | None:
+    """The entry copied, the copies, and whether it came from another output than the run's."""
+    indexes = ctx.indexes(rec.run_id)
+    for index, entry in find(indexes, rec.spec.fingerprint):
+        if entry.run_id == rec.run_id and entry.job_id == rec.id:
+            continue  # its own earlier edit, whose outputs are its own already: a stale entry
+        metadata = {"job-id": rec.id, "run-id": rec.run_id, "model": entry.model,
+                    "prediction-id": entry.prediction_id, "reused-from": f"{entry.run_id}/{entry.job_id}"}  # fmt: skip
+        uris = index.copy_outputs(entry, ctx.storage(rec.run_id), rec.id, metadata)
+        if uris is not None:
+            return entry, uris, index is not indexes[0]
+    return None
+
+
+def _index_copy(ctx: Context, rec: JobRecord, entry: Entry, uris: list[str]) -> None:
+    copy = new_entry(entry.fingerprint, rec.run_id, rec.id, entry.prediction_id, entry.model, uris, entry.cost_micros)
+    try:
+        ctx.indexes(rec.run_id)[0].put(copy)
+    except StorageError as exc:  # the copy stands; a later run may pay for this edit again
+        log.warning("results index entry for %s not stored (%s)", rec.id, exc)
+
+
+def _renew_claim(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> None:
+    if meta.get("reuse") and rec.spec.fingerprint:
+        ctx.claims.take(meta["reuse_claims"], rec.spec.fingerprint, f"{rec.run_id}:{rec.id}")
+
+
 # -- pending: prepare, reserve, take a slot and a send time, claim, POST once ---------------
 
 
@@ -255,6 +324,10 @@ def _pending(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None
     halted = ctx.control.halted(run_id)
     if halted:
         return _end(ctx, meta, rec, PENDING, SKIPPED, reason=halted)
+    if meta.get("reuse") and rec.spec.fingerprint:
+        reused = _reuse(ctx, meta, rec)
+        if reused is not None:
+            return reused
     if not rec.input_urls:
         urls = prepare_inputs(ctx, meta, rec)
         if isinstance(urls, InputFailed):
@@ -476,6 +549,7 @@ class TransientStorage(StateError):
 def _submitted(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     run_id = rec.run_id
     ctx.slots.renew(f"{run_id}:{rec.id}")
+    _renew_claim(ctx, meta, rec)
     later = ctx.limiter.take("poll")
     if later:
         return later
@@ -548,6 +622,7 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
     outputs = list(rec.outputs)
     client = ctx.client(meta["api_base"])
     storage = ctx.storage(run_id)
+    _renew_claim(ctx, meta, rec)
     for n, url in enumerate(rec.service_outputs):
         if n < len(outputs):
             continue
@@ -584,4 +659,13 @@ def _fetching(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | Non
         outputs.append(uri)
         if len(outputs) < len(rec.service_outputs):  # the last one is written with the final state
             ctx.runs.update(run_id, rec.id, outputs=outputs)
+    if rec.spec.fingerprint and meta.get("reuse_roots"):  # every output is stored: later rows may reuse them
+        entry = new_entry(rec.spec.fingerprint, run_id, rec.id, rec.prediction_id, rec.spec.model, outputs, price)
+        try:
+            ctx.indexes(run_id)[0].put(entry)
+        except StorageError as exc:
+            k = ctx.runs.incr(run_id, rec.id, "store_attempts")
+            events.retry(rec, "store_index", k, str(exc))
+            if k < ctx.settings.max_store_attempts:
+                return backoff(k, 1.0, 30.0)
     return _end(ctx, meta, rec, FETCHING, SUCCEEDED, cost=price, outputs=outputs)
