@@ -4,7 +4,8 @@ The job that takes the claim submits; another row with the same fingerprint (in 
 manifest, or in a run going at the same time into the same output) waits while the claim is
 held, then reuses what the holder stored. The claim has a lease that the holder renews
 with each step, so a holder lost for good (every worker gone) stops blocking after
-`LEASE` seconds. When the holder succeeds the claim becomes `done` for `DONE_TTL`: a row
+`LEASE` seconds, and a holder whose job has ended (or that Redis no longer knows, after a
+run's keys were lost) is taken over at once. When the holder succeeds the claim becomes `done` for `DONE_TTL`: a row
 that comes to it later reads the results index for the outputs instead of paying again.
 When the holder ends any other way the claim is dropped and the next row submits.
 """
@@ -55,6 +56,14 @@ return 1
 """
 
 
+# ARGV: the holder found, the taker, lease ms
+_TAKE_FROM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+
 def root_id(output: str) -> str:
     """The output root a claim is about: runs into different outputs never wait on each other."""
     return hashlib.sha256(output.rstrip("/").encode()).hexdigest()[:16]
@@ -66,6 +75,7 @@ class Claims:
         self.prefix = prefix
         self._take = script(client, _TAKE)
         self._end = script(client, _END)
+        self._take_from = script(client, _TAKE_FROM)
 
     def key(self, root: str, fp: str) -> str:
         return f"{self.prefix}:edit:{root}:{fp}"
@@ -81,6 +91,12 @@ class Claims:
         """Let the claim go (only the holder can): `done` after a success, gone otherwise."""
         args = [holder, "1" if succeeded else "0", int(DONE_TTL * 1000)]
         return bool(int(self._end(keys=[self.key(root, fp)], args=args)))
+
+    @translated
+    def take_from(self, root: str, fp: str, holder: str, taker: str) -> bool:
+        """Take the claim from a holder that is gone (its job ended, or Redis no longer knows it),
+        only if that holder still has it."""
+        return bool(int(self._take_from(keys=[self.key(root, fp)], args=[holder, taker, int(LEASE * 1000)])))
 
     @translated
     def holder(self, root: str, fp: str) -> str | None:

@@ -63,11 +63,14 @@ class Entry:
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
             return None
         try:
+            run_id, job_id = safe_key(str(data["run_id"])), safe_key(str(data["job_id"]))
             keys = tuple(safe_key(o) for o in outputs)
+            if not all(_output_name(run_id, job_id).fullmatch(k) for k in keys):
+                return None  # only the outputs a job stores are copied, never another file of the output
             return cls(
                 fingerprint=fp,
-                run_id=safe_key(str(data["run_id"])),
-                job_id=safe_key(str(data["job_id"])),
+                run_id=run_id,
+                job_id=job_id,
                 prediction_id=str(data.get("prediction_id") or "")[:200],
                 model=str(data.get("model") or "")[:200],
                 outputs=keys,
@@ -76,6 +79,10 @@ class Entry:
             )
         except (KeyError, TypeError, ValueError, StorageError):
             return None
+
+
+def _output_name(run_id: str, job_id: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(run_id)}/outputs/{re.escape(job_id)}/\d{{1,4}}\.(?:jpe?g|png|webp)")
 
 
 def output_keys(run_id: str, job_id: str, uris: Iterable[str]) -> tuple[str, ...]:

@@ -582,12 +582,17 @@ class Runs:
             budget.set_cap(int(saved["budget_cap_micros"]))
         todo: list[str] = []
         batch: list[JobSpec] = []
+        # The rows' fingerprints are read again (files hashed, not checked); a stored record's
+        # wins, being what the run first had. Rows whose edit is indexed look for it, as at start.
+        roots = meta.get("reuse_roots") or []
+        reusing = bool(meta.get("reuse")) and bool(roots)
+        indexes = (ResultsIndex(open_output(r, endpoint_url=meta["s3_endpoint"])) for r in roots)
+        look = Plan(results.known(indexes)).reused if reusing else None
 
         def flush() -> None:
             recs = [storage.get_json(f"records/{spec.id}.json") for spec in batch]
-            # the row's fingerprint as the run first had it (files are not read again here)
             specs = [with_fingerprint(spec, rec) for spec, rec in zip(batch, recs, strict=True)]
-            ids = self.store.add_jobs(run_id, specs, token, waiting=False)  # let in once restored
+            ids = self.store.add_jobs(run_id, specs, token, waiting=False, look=look)  # let in once restored
             for spec, jid, rec in zip(specs, ids, recs, strict=True):
                 if not isinstance(rec, dict):
                     todo.append(jid)

@@ -105,7 +105,7 @@ class LocalStorage(_JsonOnBytes):
             os.close(fd)
             shutil.copyfile(origin, tmp)
             os.replace(tmp, path)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # not there as a file
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             return None

@@ -7,6 +7,7 @@ set of ids seen, kept as 8-byte digests, is the only thing that grows).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -365,7 +366,18 @@ class Validator:
             error = self._check_file(str(path))
             if error:
                 return None, f"{_show(text)}: {error}"
+        else:
+            self._hash_file(str(path))
         return ImageRef("local", text, str(path)), None
+
+    def _hash_file(self, path: str) -> None:
+        """A file's hash for the row's fingerprint when files are not checked (a run resumed from
+        storage): one that cannot be read now gives the row no fingerprint, not a problem."""
+        if path in self._file_hashes:
+            return
+        self._file_hashes[path] = ""  # unreadable: no fingerprint
+        with contextlib.suppress(OSError), open(path, "rb") as fh:
+            self._file_hashes[path] = hashlib.file_digest(fh, "sha256").hexdigest()
 
     def _check_file(self, path: str) -> str | None:
         if path in self._file_checks:

@@ -61,6 +61,7 @@ NEXT = -1.0  # the state changed: take the next step now
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
 STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
 REUSE_WAIT = 1.0  # how often a job waiting for another's identical edit looks again
+REUSE_TRIES = 4  # storage failures while copying a stored edit before the job pays for its own
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,14 @@ def _end(
         _settle(ctx, meta, rec, cost)
         if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
             ctx.slots.release(f"{rec.run_id}:{rec.id}")
-        if meta.get("reuse") and rec.spec.fingerprint:  # the rows waiting on this edit go on
-            holder = f"{rec.run_id}:{rec.id}"
-            ctx.claims.end(meta["reuse_claims"], rec.spec.fingerprint, holder, succeeded=to == SUCCEEDED)
+        _end_claim(ctx, meta, rec, to)  # the rows waiting on this edit go on
     return NEXT  # the loop in `advance` reads the state the job is really in
+
+
+def _end_claim(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: str) -> None:
+    if meta.get("reuse") and rec.spec.fingerprint:
+        holder = f"{rec.run_id}:{rec.id}"
+        ctx.claims.end(meta["reuse_claims"], rec.spec.fingerprint, holder, succeeded=state == SUCCEEDED)
 
 
 def _settle(ctx: Context, meta: dict[str, Any], rec: JobRecord, cost: int) -> None:
@@ -210,9 +215,11 @@ def _overdue(ctx: Context, meta: dict[str, Any], rec: JobRecord, **why: str) -> 
 
 
 def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
-    """A final job: make sure its settlement and durable record are written, then tell the run."""
+    """A final job: make sure its settlement, its claim's end and its durable record are written
+    (its worker may have died right after the move), then tell the run."""
     if not rec.record_written:
         _settle(ctx, meta, rec, rec.cost_micros)
+        _end_claim(ctx, meta, rec, rec.state)
         try:
             ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
         except StorageError as exc:
@@ -263,18 +270,21 @@ def _reuse(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
     root, fp, me = meta["reuse_claims"], rec.spec.fingerprint, f"{rec.run_id}:{rec.id}"
     got = ctx.claims.take(root, fp, me)
     if got == HELD:
-        if not rec.reuse_look:  # once it is made, look for it
-            ctx.runs.update(rec.run_id, rec.id, reuse_look="1")
-        return REUSE_WAIT
+        holder = ctx.claims.holder(root, fp)
+        if holder is None or not _holder_gone(ctx, holder) or not ctx.claims.take_from(root, fp, holder, me):
+            if not rec.reuse_look:  # once it is made, look for it
+                ctx.runs.update(rec.run_id, rec.id, reuse_look="1")
+            return REUSE_WAIT
+        got, rec.reuse_look = FRESH, True  # the holder may have stored it before it went
     if got != DONE and not rec.reuse_look:
         return None
     try:
         found = _copy_stored(ctx, rec)
-    except StorageError as exc:
-        k = ctx.runs.incr(rec.run_id, rec.id, "store_attempts")
+    except StorageError as exc:  # a few tries, then the edit is paid for: a copy must not stall a row
+        k = ctx.runs.incr(rec.run_id, rec.id, "reuse_attempts")
         events.retry(rec, "reuse", k, str(exc))
-        if k < ctx.settings.max_store_attempts:
-            return backoff(k, 1.0, 30.0)
+        if k < REUSE_TRIES:
+            return backoff(k, 1.0, 10.0)
         found = None
     if found is not None:
         entry, uris, foreign = found
@@ -309,6 +319,13 @@ def _index_copy(ctx: Context, rec: JobRecord, entry: Entry, uris: list[str]) -> 
         ctx.indexes(rec.run_id)[0].put(copy)
     except StorageError as exc:  # the copy stands; a later run may pay for this edit again
         log.warning("results index entry for %s not stored (%s)", rec.id, exc)
+
+
+def _holder_gone(ctx: Context, holder: str) -> bool:
+    """The job holding a claim has ended, or Redis no longer knows it: nothing will end its claim."""
+    run_id, _, job_id = holder.partition(":")
+    held = ctx.runs.get(run_id, job_id) if job_id else None
+    return held is None or held.final
 
 
 def _renew_claim(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> None:
