@@ -4,8 +4,8 @@ The job that takes the claim submits; another row with the same fingerprint (in 
 manifest, or in a run going at the same time into the same output) waits while the claim is
 held, then reuses what the holder stored. The claim has a lease that the holder renews
 with each step, so a holder lost for good (every worker gone) stops blocking after
-`LEASE` seconds, and a holder whose job has ended (or that Redis no longer knows, after a
-run's keys were lost) is taken over at once. When the holder succeeds the claim becomes `done` for `DONE_TTL`: a row
+`LEASE` seconds, and a holder whose job has ended (its worker died before letting go) is
+taken over at once. When the holder succeeds the claim becomes `done` for `DONE_TTL`: a row
 that comes to it later reads the results index for the outputs instead of paying again.
 When the holder ends any other way the claim is dropped and the next row submits.
 """
@@ -94,7 +94,7 @@ class Claims:
 
     @translated
     def take_from(self, root: str, fp: str, holder: str, taker: str) -> bool:
-        """Take the claim from a holder that is gone (its job ended, or Redis no longer knows it),
+        """Take the claim from a holder whose job has ended without letting it go,
         only if that holder still has it."""
         return bool(int(self._take_from(keys=[self.key(root, fp)], args=[holder, taker, int(LEASE * 1000)])))
 

@@ -18,6 +18,7 @@ import redis
 from jobs.claims import root_id
 from jobs.images import inspect
 from jobs.results import FOLDER, entry_key
+from sandbox.server import SandboxProcess
 from tests.helpers import image_bytes, wait_for
 from tests.pipeline import Pipeline, read_report, run_id_of
 
@@ -482,3 +483,42 @@ def test_a_holder_whose_answer_was_dropped_lets_its_twin_go_on(pipe: Pipeline) -
     assert {r["status"] for r in report} == {"uncertain"}
     assert acc["prompts_posted"] == {"on white marble": 2, "on slate": 1}
     assert acc["created"] == 3
+
+
+# -- 5. a holder whose worker died between its final move and letting the claim go ------------
+
+
+def test_a_claim_left_by_an_ended_holder_is_taken_over_at_once(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Two identical rows, driven step by step in this process (two Contexts, real Redis, the
+    sandbox over HTTP). Row a takes the claim and is then failed the way a worker dying right
+    after the move leaves it: final, claim still held. Row b takes the claim over at once instead
+    of waiting out the lease, submits, and the edit is made once more: one prediction in all."""
+    from jobs.records import FAILED, PENDING, SUBMITTED
+    from jobs.runs import RunOptions, start_run
+    from workers import steps
+    from workers.context import Context, WorkerSettings
+
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    rows = [{"id": j, "prompt": "white marble", "images": ["a.png"]} for j in ("a", "b")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = WorkerSettings.from_env(
+        {"REDIS_URL": redis_url, "SEEDREAM_PREFIX": prefix, "ATLASCLOUD_API_KEY": "sk-test",
+         "ATLASCLOUD_API_BASE": sandbox.api_base, "SEEDREAM_SUBMIT_RATE": "50"}
+    )  # fmt: skip
+    opts = RunOptions(manifest=tmp_path / "m.jsonl", output=str(tmp_path / "out"), api_base=sandbox.api_base,
+                      check_balance=False)  # fmt: skip
+    run = start_run(opts, settings, lambda run_id: 0).run_id
+    one, two = Context(settings), Context(settings)
+    meta = one.meta(run)
+    a = one.runs.get(run, "a")
+    assert a is not None and a.spec.fingerprint
+    assert one.claims.take(meta["reuse_claims"], a.spec.fingerprint, f"{run}:a") == "fresh"
+    assert one.runs.transition(run, "a", PENDING, FAILED, reason="test") == "ok"  # died before letting go
+    assert one.claims.holder(meta["reuse_claims"], a.spec.fingerprint) == f"{run}:a"
+    steps.advance(two, run, "b", "0", due_at=0.0)
+    b = two.runs.get(run, "b")
+    assert b is not None and b.state == SUBMITTED and b.prediction_id, b
+    assert two.claims.holder(meta["reuse_claims"], a.spec.fingerprint) == f"{run}:b"
+    assert sandbox.accounting()["created"] == 1

@@ -322,10 +322,12 @@ def _index_copy(ctx: Context, rec: JobRecord, entry: Entry, uris: list[str]) -> 
 
 
 def _holder_gone(ctx: Context, holder: str) -> bool:
-    """The job holding a claim has ended, or Redis no longer knows it: nothing will end its claim."""
+    """The job holding a claim has ended (its worker died before ending the claim). A holder Redis
+    no longer knows is not taken over: its run may be resumed from storage with its prediction
+    still running, and would then hold the claim again; if it never is, the lease runs out."""
     run_id, _, job_id = holder.partition(":")
     held = ctx.runs.get(run_id, job_id) if job_id else None
-    return held is None or held.final
+    return held is not None and held.final
 
 
 def _renew_claim(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> None:
