@@ -20,7 +20,7 @@ from jobs import results
 from jobs.backlog import Backlog
 from jobs.budget import Budget, ledger_key, worst_case
 from jobs.catalogue import Catalogue, CatalogueClient, Prices, Schemas
-from jobs.claims import root_id
+from jobs.claims import Claims, root_id
 from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
 from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import Estimate
@@ -588,6 +588,7 @@ class Runs:
         reusing = bool(meta.get("reuse")) and bool(roots)
         indexes = (ResultsIndex(open_output(r, endpoint_url=meta["s3_endpoint"])) for r in roots)
         look = Plan(results.known(indexes)).reused if reusing else None
+        claims = Claims(self.redis, prefix=self.settings.prefix)
 
         def flush() -> None:
             recs = [storage.get_json(f"records/{spec.id}.json") for spec in batch]
@@ -626,6 +627,8 @@ class Runs:
                     self.store.update(run_id, jid, **{**fields, "cost_micros": 0, "record_written": "0"})
                     self.store.transition(run_id, jid, PENDING, SUBMITTED, submitted_at=repr(time.time()))
                     budget.reserve(entry, worst_case(int(meta["prices"][spec.model]), spec.params))
+                    if reusing and spec.fingerprint:  # its edit is under way: twins wait for it, from now
+                        claims.take(str(meta["reuse_claims"]), spec.fingerprint, f"{run_id}:{jid}")
                     todo.append(jid)
                 elif state in FINAL:
                     self.store.update(run_id, jid, **fields)

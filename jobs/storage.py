@@ -99,17 +99,22 @@ class LocalStorage(_JsonOnBytes):
         if not isinstance(source, LocalStorage):
             return super().copy_in(source, source_key, key, metadata)
         path, origin = self._path(key), source._path(source_key)
-        try:
+        try:  # the destination: a failure here is this store's, and passes
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot copy to {path}: {exc.strerror or exc}") from None
+        try:
             shutil.copyfile(origin, tmp)
             os.replace(tmp, path)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # not there as a file
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # the source is not there as a file
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             return None
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise StorageError(f"cannot copy to {path}: {exc.strerror or exc}") from None
         return str(path)
 

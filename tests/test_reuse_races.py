@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from jobs.claims import root_id
@@ -522,3 +523,47 @@ def test_a_claim_left_by_an_ended_holder_is_taken_over_at_once(
     assert b is not None and b.state == SUBMITTED and b.prediction_id, b
     assert two.claims.holder(meta["reuse_claims"], a.spec.fingerprint) == f"{run}:b"
     assert sandbox.accounting()["created"] == 1
+
+
+# -- 6. a holder in flight whose run's keys are lost, then resumed ------------------------------
+
+
+def _posted(pipe: Pipeline, prompt: str) -> int:
+    return int(pipe.sandbox.accounting()["prompts_posted"].get(prompt) or 0)
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["at_once", "later"])
+def test_holder_in_flight_whose_run_keys_are_lost_and_resumed_is_not_paid_twice(pipe: Pipeline, later: bool) -> None:
+    """Invariant 2: run A's x is SUBMITTED (its prediction in flight, its record holds the id); run
+    B's x waits on A's claim. A's run keys are lost (claims stay) and the operator resumes A from
+    storage, at once or a second or two later. A's prediction is polled again and finishes: B's x
+    should copy it: a holder Redis forgot is waited for, not taken over."""
+    pipe.sandbox.configure(delay="fixed:6")
+    pipe.start_workers(1, concurrency=4)
+    out = pipe.tmp / "out"
+    a_manifest = _manifest(pipe.tmp, [("x", 0, "on white marble")], "a.jsonl")
+    b_manifest = _manifest(pipe.tmp, [("x", 0, "on white marble")], "b.jsonl")
+    a = _start(pipe, a_manifest, out)
+    wait_for(lambda: _record(out, a, "x").get("prediction_id"), timeout=20, what="A's x submitted")
+    b = _start(pipe, b_manifest, out)
+    wait_for(lambda: _job(pipe, b, "x").get("reuse_look") == "1", timeout=15, what="B's x waiting on A")
+    assert _posted(pipe, "on white marble") == 1
+    lost_at = time.monotonic()
+    assert _delete_run_keys(pipe, a) > 0
+    if later:  # the operator resumes A once B's x has moved on (or 5 s at most)
+        wait_for(lambda: _job(pipe, b, "x").get("state") != "pending" or time.monotonic() - lost_at > 5,
+                 timeout=10, what="B's x to move or 5 s")  # fmt: skip
+    resumed = pipe.cli("resume", a, "--output", str(out), "--no-wait")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed_after = time.monotonic() - lost_at
+    for run in (a, b):
+        _wait_done(pipe, run, timeout=60)
+    wait_for(lambda: pipe.sandbox.accounting()["in_flight"] == 0, timeout=30, what="the service idle")
+    acc = pipe.sandbox.accounting()
+    ra, rb = _report(out, a)[0], _report(out, b)[0]
+    assert _posted(pipe, "on white marble") == 1, (
+        f"one edit POSTed {_posted(pipe, 'on white marble')} times (created {acc['created']}, billed "
+        f"{acc['billed_micros']}); A resumed {resumed_after:.1f}s after its keys were lost; "
+        f"A's x {ra['status']} cost {ra['cost_usd']} reused_from {ra['reused_from']!r}; "
+        f"B's x {rb['status']} cost {rb['cost_usd']} reused_from {rb['reused_from']!r}"
+    )

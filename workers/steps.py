@@ -61,7 +61,7 @@ NEXT = -1.0  # the state changed: take the next step now
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
 STALE = -2.0  # this message does not drive the job (a duplicate, or the job was taken over)
 REUSE_WAIT = 1.0  # how often a job waiting for another's identical edit looks again
-REUSE_TRIES = 4  # storage failures while copying a stored edit before the job pays for its own
+REUSE_TRIES = 20  # storage failures while copying a stored edit (about 8 minutes) before the job pays
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _reuse(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
         k = ctx.runs.incr(rec.run_id, rec.id, "reuse_attempts")
         events.retry(rec, "reuse", k, str(exc))
         if k < REUSE_TRIES:
-            return backoff(k, 1.0, 10.0)
+            return backoff(k, 1.0, 30.0)
         found = None
     if found is not None:
         entry, uris, foreign = found
