@@ -9,8 +9,7 @@ import click
 
 from jobs import results
 from jobs.errors import StorageError
-from jobs.results import ResultsIndex, reuse_roots
-from jobs.storage import open_output
+from jobs.results import reuse_roots
 
 
 def reuse_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,6 +32,6 @@ def known_edits(output: str | None, reuse: bool, reuse_from: tuple[str, ...]) ->
     if not reuse or not output:
         return None
     try:
-        return results.known(ResultsIndex(open_output(root)) for root in reuse_roots(output, reuse_from))
+        return results.known(reuse_roots(output, reuse_from))
     except StorageError as exc:
         raise click.ClickException(f"the results stored under {output} cannot be listed: {exc}") from None

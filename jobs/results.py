@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import StorageError
-from jobs.storage import S3Storage, Storage, safe_key
+from jobs.storage import S3Storage, Storage, open_output, safe_key
 
 FOLDER = "_results"
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")
@@ -151,10 +151,11 @@ def reuse_roots(output: str, reuse_from: tuple[str, ...] | list[str]) -> list[st
     return roots
 
 
-def known(indexes: Iterable[ResultsIndex]) -> set[str]:
+def known(roots: Iterable[str], endpoint_url: str | None = None) -> set[str]:
+    """The fingerprints stored under each of `roots` (see `reuse_roots`)."""
     found: set[str] = set()
-    for index in indexes:
-        found |= index.fingerprints()
+    for root in roots:
+        found |= ResultsIndex(open_output(root, endpoint_url=endpoint_url)).fingerprints()
     return found
 
 

@@ -43,10 +43,10 @@ from jobs.records import (
 )
 from jobs.redisio import looked_in
 from jobs.report import write_report, write_run_report
-from jobs.results import FINGERPRINT, Plan, ResultsIndex, reuse_roots
+from jobs.results import FINGERPRINT, Plan, reuse_roots
 from jobs.s3check import checked_scan, s3_header
 from jobs.settings import environ_flag
-from jobs.storage import Storage, open_output, open_storage, stored_records
+from jobs.storage import Storage, open_storage, stored_records
 from jobs.thumbs import input_reader
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
@@ -147,8 +147,7 @@ def start_run(
     # The run's own output's index is written to even with --no-reuse (later runs may reuse
     # what it pays for); it is read only with reuse on.
     roots = reuse_roots(opts.output, opts.reuse_from if opts.reuse else ())
-    indexes = (ResultsIndex(open_output(r, endpoint_url=opts.s3_endpoint)) for r in roots)
-    known = results.known(indexes) if opts.reuse else set()
+    known = results.known(roots, opts.s3_endpoint) if opts.reuse else set()
     result, est, metadata_columns = checked_scan(
         validator, lambda: s3_header(opts.s3_endpoint), known=known if opts.reuse else None
     )
@@ -586,8 +585,7 @@ class Runs:
         # wins, being what the run first had. Rows whose edit is indexed look for it, as at start.
         roots = meta.get("reuse_roots") or []
         reusing = bool(meta.get("reuse")) and bool(roots)
-        indexes = (ResultsIndex(open_output(r, endpoint_url=meta["s3_endpoint"])) for r in roots)
-        look = Plan(results.known(indexes)).reused if reusing else None
+        look = Plan(results.known(roots, meta["s3_endpoint"])).reused if reusing else None
         claims = Claims(self.redis, prefix=self.settings.prefix)
 
         def flush() -> None:

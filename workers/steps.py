@@ -183,7 +183,6 @@ def _end(
         _settle(ctx, meta, rec, cost)
         if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
             ctx.slots.release(f"{rec.run_id}:{rec.id}")
-        _end_claim(ctx, meta, rec, to)  # the rows waiting on this edit go on
     return NEXT  # the loop in `advance` reads the state the job is really in
 
 
@@ -215,8 +214,9 @@ def _overdue(ctx: Context, meta: dict[str, Any], rec: JobRecord, **why: str) -> 
 
 
 def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
-    """A final job: make sure its settlement, its claim's end and its durable record are written
-    (its worker may have died right after the move), then tell the run."""
+    """A final job: make sure its settlement, its claim's end (the rows waiting on its edit go on)
+    and its durable record are written (its worker may have died right after the move), then
+    tell the run. `_end` leads here at once, so the claim is let go once, here."""
     if not rec.record_written:
         _settle(ctx, meta, rec, rec.cost_micros)
         _end_claim(ctx, meta, rec, rec.state)
