@@ -25,9 +25,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from jobs.config import WorkerSettings  # noqa: E402
 from jobs.runs import Runs  # noqa: E402
 from sandbox.server import SandboxProcess  # noqa: E402
-from workers.context import WorkerSettings  # noqa: E402
 from workers.local import LocalWorkers  # noqa: E402
 
 EXE = str(Path(sys.executable).with_name("seedream-batch"))

@@ -21,8 +21,8 @@ from typing import Any
 
 import redis
 
-from jobs.errors import ConfigError
 from jobs.redisio import DEFAULT_PREFIX, script, translated
+from manifests.errors import ConfigError
 
 SCOPE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from jobs.errors import ConfigError, SeedreamError
-from jobs.models import ModelTable, micros_to_usd, usd_to_micros
+from manifests.errors import ConfigError, SeedreamError
+from manifests.models import ModelTable, micros_to_usd, usd_to_micros
 from manifests.service_schema import SchemaUnusable, ServiceSchema
 
 LIVE, BUILTIN, MODELS_FILE = "models-endpoint", "built-in table", "models file"

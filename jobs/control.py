@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from jobs.errors import AgentRefused, AuthError
 from jobs.redisio import DEFAULT_PREFIX, translated
+from manifests.errors import AgentRefused, AuthError
 
 PAYMENT = "payment_required"
 CANCELLED = "cancelled"

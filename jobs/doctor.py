@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import AuthError, ConfigError, ManifestError, SeedreamError, ServiceError, StorageError
 from jobs.estimate import Estimate, scan
 from jobs.ledger import available_micros, money_micros
-from jobs.models import ModelTable, micros_to_usd
 from jobs.redisio import _safe_url, connect
 from jobs.settings import environ_flag
 from jobs.storage import open_output
+from manifests.errors import AuthError, ConfigError, ManifestError, SeedreamError, ServiceError, StorageError
+from manifests.models import ModelTable, micros_to_usd
+from manifests.validate import Validator
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 CLOCK_WARN, CLOCK_FAIL = 2.0, 30.0  # seconds between this host's clock and Redis's TIME
@@ -177,8 +178,6 @@ def _check_manifest(report: Report, inputs: Inputs) -> tuple[ModelTable | None, 
     if inputs.manifest is None:
         report.add("manifest", SKIP, "no manifest given: the table's models are checked, no estimate")
         return table, None
-    from manifests.validate import Validator
-
     try:
         validator = Validator(inputs.manifest, table, allow_internal_urls=environ_flag("allow_internal_urls"))
         result, est, _ = scan(validator)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobs.budget import worst_case
-from jobs.models import ModelTable, micros_to_usd
 from jobs.results import Plan
+from manifests.models import ModelTable, micros_to_usd
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.models import micros_to_usd
+from manifests.models import micros_to_usd
 
 _TEMPLATE = Path(__file__).with_name("gallery.html")
 PAGE_SIZE = 60

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from jobs.errors import ConfigError, SeedreamError
+from manifests.errors import ConfigError, SeedreamError
 
 MODES = ("auto", "presign", "upload")
 STAGE_FOLDER = "inputs"

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from jobs.errors import ConfigError, ServiceError
-from jobs.models import micros_to_usd
 from jobs.records import FINAL, OVERDUE, UNCERTAIN, RunStore
 from jobs.redisio import looked_in
 from jobs.storage import open_storage, stored_records
+from manifests.errors import ConfigError, ServiceError
+from manifests.models import micros_to_usd
 
 MAX_DAYS = 180  # the service answers at most this many daily buckets
 MODEL_FIELDS = ("model", "model_id", "model_name")

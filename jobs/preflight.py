@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Protocol
 
 from jobs.budget import BudgetState
-from jobs.errors import AgentRefused, AuthError, ServiceError
 from jobs.estimate import Estimate
-from jobs.models import micros_to_usd
-from workers.atlas import AtlasClient
+from manifests.errors import AgentRefused, AuthError, ServiceError
+from manifests.models import micros_to_usd
+
+
+class _Balance(Protocol):
+    @property
+    def available(self) -> Decimal | None: ...
+
+
+class BalanceSource(Protocol):
+    """What preflight needs of the Atlas client (workers/atlas.py), which sits a layer above."""
+
+    def balance(self) -> _Balance: ...
 
 
 @dataclass
@@ -22,7 +33,7 @@ class Verdict:
         self.messages.append(message)
 
 
-def account_balance(client: AtlasClient) -> tuple[Decimal | None, str | None]:
+def account_balance(client: BalanceSource) -> tuple[Decimal | None, str | None]:
     """The account's available USD, or None with a note when the service will not say."""
     try:
         available = client.balance().available

@@ -9,7 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 import redis
 import redis.exceptions
 
-from jobs.errors import StateError
+from manifests.errors import StateError
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 from jobs.budget import Budget
 from jobs.gallery import job_view, render
-from jobs.models import micros_to_usd
 from jobs.records import FINAL, JobRecord, RunStore
 from jobs.storage import Storage
 from jobs.thumbs import Thumbs, relative
+from manifests.models import micros_to_usd
 
 ReadInput = Callable[[str, str, str | None], bytes | None]
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import StorageError
 from jobs.storage import S3Storage, Storage, open_output, safe_key
+from manifests.errors import StorageError
 
 FOLDER = "_results"
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from jobs.budget import Budget
-from jobs.errors import StorageError
-from jobs.models import micros_to_usd
 from jobs.runs import Runs
 from jobs.storage import S3Storage, open_output, open_storage
+from manifests.errors import StorageError
+from manifests.models import micros_to_usd
 
 COLUMNS = ("run_id", "started", "state", "done", "cost_usd", "budget_usd", "output", "source")
 

@@ -21,12 +21,11 @@ from jobs.backlog import Backlog
 from jobs.budget import Budget, ledger_key, worst_case
 from jobs.catalogue import Catalogue, CatalogueClient, Prices, Schemas
 from jobs.claims import Claims, root_id
+from jobs.config import WorkerSettings
 from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
-from jobs.errors import ConfigError, SeedreamError
 from jobs.estimate import Estimate
 from jobs.inputs import InputsRefused, upload_verdict
 from jobs.inputs import plan as plan_inputs
-from jobs.models import ModelTable, micros_to_usd
 from jobs.preflight import Verdict, account_balance, check
 from jobs.records import (
     FAILED,
@@ -41,16 +40,17 @@ from jobs.records import (
     JobRecord,
     RunStore,
 )
-from jobs.redisio import looked_in
+from jobs.redisio import connect, looked_in
 from jobs.report import write_report, write_run_report
 from jobs.results import FINGERPRINT, Plan, reuse_roots
 from jobs.s3check import checked_scan, s3_header
 from jobs.settings import environ_flag
 from jobs.storage import Storage, open_storage, stored_records
 from jobs.thumbs import input_reader
+from manifests.errors import ConfigError, SeedreamError
+from manifests.models import ModelTable, micros_to_usd
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
-from workers.context import WorkerSettings
 
 INITIAL_TOKEN = "0"  # noqa: S105 (a message token, not a secret)
 
@@ -163,8 +163,6 @@ def start_run(
     )
     if refusal:
         raise InputsRefused(refusal)
-    from jobs.redisio import connect
-
     r = connect(settings.redis_url)
     store = RunStore(r, prefix=settings.prefix)
     run_id = opts.run_id or new_run_id()
@@ -312,8 +310,6 @@ class Runs:
     """Run control against Redis (and storage when Redis lost a run)."""
 
     def __init__(self, settings: WorkerSettings) -> None:
-        from jobs.redisio import connect
-
         self.settings = settings
         self.redis = connect(settings.redis_url)
         self.store = RunStore(self.redis, prefix=settings.prefix)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from jobs.errors import StorageError
 from jobs.estimate import Estimate, scan
+from manifests.errors import StorageError
 from manifests.validate import MAX_IMAGE_BYTES, Result, Validator
 
 THREADS = 32

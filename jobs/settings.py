@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from jobs.errors import ConfigError
+from manifests.errors import ConfigError
 
 FILE_NAME = "seedream-batch.toml"
 CONFIG_ENV = "SEEDREAM_CONFIG"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from jobs.errors import ConfigError, StorageError
+from manifests.errors import ConfigError, StorageError
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,160}")
 

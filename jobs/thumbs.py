@@ -21,9 +21,9 @@ from typing import Any
 
 from PIL import Image
 
-from jobs.errors import StorageError
-from jobs.images import MAX_PIXELS
 from jobs.storage import Storage
+from manifests.errors import StorageError
+from manifests.images import MAX_PIXELS
 
 log = logging.getLogger("seedream.thumbs")
 SIDE = 256

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from jobs.errors import StorageError
-from jobs.images import NotAnImage, inspect
+from manifests.errors import StorageError
+from manifests.images import NotAnImage, inspect
 from manifests.validate import KNOWN_COLUMNS, MAX_IMAGE_BYTES, MAX_PROMPT, MIN_SIDE, REPORT_COLUMNS
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from jobs.images import NotAnImage, inspect
-from jobs.models import RESERVED_PARAMS, UNSUPPORTED_PARAMS, ModelSpec, ModelTable
 from manifests.addresses import is_internal_host
 from manifests.fingerprint import file_token, fingerprint, s3_token, url_token
+from manifests.images import NotAnImage, inspect
+from manifests.models import RESERVED_PARAMS, UNSUPPORTED_PARAMS, ModelSpec, ModelTable
 from manifests.reader import Header, RawRow, detect_format, read_rows
 from manifests.service_schema import ServiceSchema
 from manifests.spec import ImageRef, JobSpec, Problem

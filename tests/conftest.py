@@ -12,9 +12,9 @@ import pytest
 import redis
 
 from jobs.config import AtlasConfig, Timeouts
+from jobs.retry import Backoff
 from sandbox.server import SandboxProcess
 from workers.atlas import AtlasClient
-from workers.retry import Backoff
 
 if TYPE_CHECKING:
     from tests.pipeline import Pipeline

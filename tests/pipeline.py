@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.config import WorkerSettings
 from jobs.runs import RunOptions, Runs, start_run
 from sandbox.server import SandboxProcess
 from tests.conftest import API_KEY, make_client
 from tests.helpers import image_bytes, wait_for
-from workers.context import WorkerSettings
 from workers.local import LocalWorkers
 
 EXE = str(Path(sys.executable).with_name("seedream-batch"))

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from jobs.config import DEFAULT_USER_AGENT, Timeouts
-from jobs.errors import (
+from manifests.errors import (
     AgentRefused,
     AuthError,
     BadOutput,
@@ -20,7 +20,7 @@ from jobs.errors import (
     RateLimited,
     TransientError,
 )
-from jobs.images import NotAnImage, inspect
+from manifests.images import NotAnImage, inspect
 from sandbox.server import SandboxProcess
 from sandbox.settings import FAILED, RUNNING, SUCCEEDED
 from tests.conftest import API_KEY, make_client

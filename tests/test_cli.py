@@ -6,7 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
+from cli.main import main
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

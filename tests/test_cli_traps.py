@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from jobs.cli import main
+from cli.main import main
 from jobs.exit_codes import CODES, markdown
 from jobs.redisio import where
 from tests.pipeline import EXE, Pipeline, catalog, run_id_of

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from jobs.config import AtlasConfig
-from jobs.errors import (
+from manifests.errors import (
     AgentRefused,
     AuthError,
     BadOutput,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from jobs.cli import main
+from cli.main import main
 from jobs.estimate import estimate
-from jobs.models import ModelTable, micros_to_usd, usd_to_micros
+from manifests.models import ModelTable, micros_to_usd, usd_to_micros
 from manifests.validate import Validator
 from sandbox.server import free_port
 

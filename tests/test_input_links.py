@@ -186,8 +186,8 @@ def test_an_input_link_the_service_cannot_fetch_fails_the_job_unbilled(
 def test_s3_inputs_are_checked_before_anything_is_spent_and_named_at_their_lines(
     s3_endpoint: str, tmp_path: Path
 ) -> None:
-    from jobs.models import ModelTable
     from jobs.s3check import checked_scan, s3_header
+    from manifests.models import ModelTable
     from manifests.validate import Validator
 
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)

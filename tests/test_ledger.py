@@ -7,9 +7,9 @@ import json
 
 import httpx
 
-from jobs.errors import NotFound
 from jobs.ledger import Ledger, available_micros, money_micros, run_side, service_side
 from jobs.secret import Secret
+from manifests.errors import NotFound
 from sandbox.server import SandboxProcess
 from tests.conftest import API_KEY, make_client
 from tests.helpers import image_bytes, wait_for

@@ -15,10 +15,10 @@ import redis
 from jobs.budget import Budget
 from jobs.config import Limits
 from jobs.control import CANCELLED, PAYMENT, RunControl
-from jobs.errors import ConfigError, StateError
 from jobs.estimate import Estimate
 from jobs.preflight import account_balance, check
 from jobs.redisio import connect
+from manifests.errors import ConfigError, StateError
 from sandbox.server import SandboxProcess
 from tests import limit_procs
 from tests.conftest import make_client

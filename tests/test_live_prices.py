@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import main
+from cli.main import main
 from manifests.service_schema import SchemaUnusable, ServiceSchema, input_schema
 from sandbox.server import SandboxProcess, free_port
 from sandbox.service import KNOWN_PARAMS

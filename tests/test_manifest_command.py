@@ -56,7 +56,7 @@ def test_a_folder_of_photos_becomes_a_manifest_that_validates_and_runs(pipe: Pip
     assert ids[1] == "tote" and ids[2] == "Red-Shoe"  # in path order: bags/..., shoes/...
     assert ids[0].startswith("blue-") and ids[3].startswith("blue-") and ids[0] != ids[3]  # same name twice
     assert got[2]["prompt"] == "Red leather shoe on white marble" and got[2]["images"] == "products/shoes/Red Shoe.jpg"
-    assert got[0]["prompt"] == "Blue thing on white marble" and got[0]["sku"] == "'=HYPERLINK(\"http://x\")"
+    assert got[0]["prompt"] == "Blue thing on white marble" and got[0]["sku"] == '\'=HYPERLINK("http://x")'
     assert {r["size"] for r in got} == {"2048*2048"}
 
     again = pipe.tmp / "again" / "m.jsonl"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.cli import EXIT_INVALID, main
-from jobs.models import ModelTable
+from cli.main import EXIT_INVALID, main
 from manifests.addresses import is_internal_host
+from manifests.models import ModelTable
 from manifests.spec import JobSpec
 from manifests.validate import Validator
 from tests.helpers import image_bytes
@@ -279,8 +279,8 @@ def test_run_refuses_every_bad_manifest_before_anything_is_enqueued(
 ) -> None:
     import redis
 
+    from jobs.config import WorkerSettings
     from jobs.runs import ManifestRefused, RunOptions, start_run
-    from workers.context import WorkerSettings
 
     enqueued: list[str] = []
 

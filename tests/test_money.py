@@ -15,15 +15,16 @@ from typing import Any
 import pytest
 import redis
 
-from jobs.errors import StateError
+from jobs.config import WorkerSettings
 from jobs.records import PENDING, SUBMITTED, SUCCEEDED, UNCERTAIN
+from manifests.errors import StateError
 from sandbox.server import SandboxProcess
 from tests.chaos.redis_server import RedisServer
 from tests.conftest import make_client
 from tests.helpers import image_bytes, wait_for
 from tests.pipeline import EXE, Pipeline, one_job, read_report, run_id_of, stored_record, write_manifest
 from workers import steps
-from workers.context import Context, WorkerSettings
+from workers.context import Context
 
 # -- in-process: two Contexts (two workers) on real Redis and the sandbox over HTTP ---------------
 

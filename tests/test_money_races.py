@@ -68,12 +68,12 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
     polled, fetched and succeeds. But `_adopt` never clears the run's `finalized` mark, so the
     report (and summary.json, and the webhook) keep the row `uncertain` with no prediction id,
     while `status` says succeeded and records/<id>.json holds the paid result."""
-    from workers import tasks
+    from workers import dispatch
 
     settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
     a, b = Context(settings), Context(settings)
     finalized: list[str] = []
-    monkeypatch.setattr(tasks.finalize_run, "apply_async", lambda args, **kw: finalized.append(args[0]))
+    monkeypatch.setattr(dispatch, "send_finalize", lambda run_id, queue: finalized.append(run_id))
     monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)  # B comes after the sender's time-outs
     client = a.client(a.meta(run_id)["api_base"])
     real_submit = client.submit
@@ -91,7 +91,7 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
     wait = steps.advance(a, run_id, "sku-1", "0", due_at=0.0)  # A wakes: adopts the prediction
     assert wait is not None
     monkeypatch.undo()
-    monkeypatch.setattr(tasks.finalize_run, "apply_async", lambda args, **kw: finalized.append(args[0]))
+    monkeypatch.setattr(dispatch, "send_finalize", lambda run_id, queue: finalized.append(run_id))
     for _ in range(60):
         job = a.runs.get(run_id, "sku-1")
         if job is not None and job.final:
@@ -118,11 +118,11 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
 
 
 def _campaign_run(sandbox: SandboxProcess, redis_url: str, prefix: str, tmp: Path, prompt: str) -> tuple[object, str]:
+    from jobs.config import WorkerSettings
     from jobs.runs import RunOptions, start_run
     from tests.conftest import API_KEY
     from tests.helpers import image_bytes
     from tests.pipeline import write_manifest
-    from workers.context import WorkerSettings
 
     tmp.mkdir()
     (tmp / "a.png").write_bytes(image_bytes())

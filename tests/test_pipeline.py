@@ -11,8 +11,8 @@ import boto3
 import httpx
 import redis
 
-from jobs.images import inspect
 from jobs.report import cell
+from manifests.images import inspect
 from tests.conftest import API_KEY
 from tests.helpers import image_bytes, wait_for
 from tests.pipeline import Pipeline, catalog, read_report, run_id_of, write_manifest

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from jobs.images import inspect
 from jobs.results import FOLDER, Entry, Plan, ResultsIndex, entry_key
 from jobs.storage import LocalStorage, open_output
 from manifests.fingerprint import fingerprint
+from manifests.images import inspect
 from tests.helpers import image_bytes, wait_for
 from tests.pipeline import Pipeline, read_report, run_id_of, write_manifest
 

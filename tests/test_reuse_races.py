@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from jobs.claims import root_id
-from jobs.images import inspect
 from jobs.results import FOLDER, entry_key
+from manifests.images import inspect
 from sandbox.server import SandboxProcess
 from tests.helpers import image_bytes, wait_for
 from tests.pipeline import Pipeline, read_report, run_id_of
@@ -496,10 +496,11 @@ def test_a_claim_left_by_an_ended_holder_is_taken_over_at_once(
     sandbox over HTTP). Row a takes the claim and is then failed the way a worker dying right
     after the move leaves it: final, claim still held. Row b takes the claim over at once instead
     of waiting out the lease, submits, and the edit is made once more: one prediction in all."""
+    from jobs.config import WorkerSettings
     from jobs.records import FAILED, PENDING, SUBMITTED
     from jobs.runs import RunOptions, start_run
     from workers import steps
-    from workers.context import Context, WorkerSettings
+    from workers.context import Context
 
     (tmp_path / "a.png").write_bytes(image_bytes())
     rows = [{"id": j, "prompt": "white marble", "images": ["a.png"]} for j in ("a", "b")]

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits
-from jobs.errors import ConfigError
+from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits, WorkerSettings
 from jobs.settings import BY_NAME, SETTINGS, apply, mask
+from manifests.errors import ConfigError
 from tests.pipeline import EXE
-from workers.context import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import httpx
 
 from jobs.config import AtlasConfig
-from jobs.errors import (
+from jobs.retry import Backoff, call_with_retry
+from manifests.errors import (
     AgentRefused,
     AuthError,
     BadOutput,
@@ -43,7 +44,6 @@ from workers.prediction import (
     message_of,
     unwrap,
 )
-from workers.retry import Backoff, call_with_retry
 from workers.urls import check_fetchable
 
 log = logging.getLogger("seedream.atlas")

@@ -1,68 +1,9 @@
-"""The Celery app: `celery -A workers worker` finds it here."""
+"""What `celery -A workers worker` finds: the app, with its tasks and the worker's lifecycle
+hooks registered on it."""
 
 from __future__ import annotations
 
-import logging
-import os
+from workers import lifecycle, tasks
+from workers.celery_app import app
 
-from celery import Celery
-from celery.signals import celeryd_init, setup_logging, worker_ready, worker_shutting_down
-
-from workers.liveness import WATCH, LivenessStep
-
-app = Celery("seedream_batch", include=["workers.tasks"])
-app.config_from_object("celeryconfig")
-app.steps["consumer"].add(LivenessStep)
-log = logging.getLogger("seedream.worker")
-
-
-@setup_logging.connect
-def _logging(loglevel: object = None, **_: object) -> None:
-    """Our handler instead of Celery's: text or JSON (SEEDREAM_LOG_FORMAT), run and job ids on
-    every line, secrets redacted. Celery's own lines go through it too."""
-    from jobs.logs import configure
-
-    level = os.environ.get("SEEDREAM_LOG_LEVEL") or (loglevel if isinstance(loglevel, str | int) else "INFO")
-    configure(os.environ.get("SEEDREAM_LOG_FORMAT", "text"), level)
-
-
-@celeryd_init.connect
-def _name(sender: object = None, options: dict[str, object] | None = None, **_: object) -> None:
-    """Log lines name the worker (its -n name), so lines from many hosts can be told apart. The
-    format is set here too: Celery warns (e.g. about running as root) before `setup_logging`."""
-    if sender:
-        os.environ["SEEDREAM_WORKER_NAME"] = str(sender)
-    _logging((options or {}).get("loglevel"))
-
-
-@worker_shutting_down.connect
-def _stopping(sender: object = None, how: object = None, **_: object) -> None:
-    """A stop that hangs (seen after a lost broker connection) ends after the liveness limit."""
-    log.warning("worker %s: %s shutdown", sender, how, extra={"event": "worker_stopping"})
-    WATCH.stopping()
-
-
-@worker_ready.connect
-def _start(sender: object = None, **_: object) -> None:
-    """Every worker runs the watchdog (a Redis lock lets one sweep at a time), and serves its
-    metrics when SEEDREAM_METRICS_PORT is set. With JSON logs, Celery's SIGTERM handler is put
-    back without its plain-text "Warm shutdown" banner (the stop is logged, as JSON, above)."""
-    from celery.apps import worker as celery_worker
-
-    from workers.context import get_context
-    from workers.reaper import start_thread
-
-    controller = getattr(sender, "controller", None)
-    if controller is not None and os.environ.get("SEEDREAM_LOG_FORMAT") == "json":
-        celery_worker.install_worker_term_handler(controller, verbose=False)
-
-    ctx = get_context()
-    start_thread(ctx)
-    port = int(os.environ.get("SEEDREAM_METRICS_PORT") or 0)
-    if port:
-        from workers.metrics import serve
-
-        try:
-            serve(ctx, port, os.environ.get("SEEDREAM_METRICS_HOST") or "127.0.0.1")
-        except OSError as exc:  # a port in use must not stop the worker from working
-            log.error("metrics endpoint not started on port %d: %s", port, exc)
+__all__ = ["app", "lifecycle", "tasks"]

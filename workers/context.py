@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -12,67 +10,18 @@ import redis
 from jobs.backlog import Backlog
 from jobs.budget import Budget
 from jobs.claims import Claims
-from jobs.config import AtlasConfig, Limits
+from jobs.config import WorkerSettings
 from jobs.control import RunControl
-from jobs.errors import ConfigError, StateError
 from jobs.records import RunStore
-from jobs.redisio import DEFAULT_PREFIX, connect
+from jobs.redisio import connect
 from jobs.results import ResultsIndex
 from jobs.storage import Storage, open_output, open_storage
+from manifests.errors import StateError
 from workers.atlas import AtlasClient
 from workers.polling import PollTimes
 from workers.ratelimit import RateLimiter
-from workers.retry import Backoff
 from workers.slots import Slots
 from workers.uploads import UploadCache
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = DEFAULT_PREFIX
-    atlas: AtlasConfig = field(default_factory=AtlasConfig)
-    limits: Limits = field(default_factory=Limits)
-    s3_endpoint: str | None = None
-    poll_deadline: float = 900.0  # the service's own client gives up after about 10 minutes
-    max_attempts: int = 8  # transient failures before submit or a step gives up
-    max_fetch_attempts: int = 40  # a paid output is fetched patiently
-    max_store_attempts: int = 400  # storage down for a while must not lose a paid result
-    warmup_grace: float = 30.0  # a 400/404 this soon after a submit is the service warming up
-    visibility_timeout: float = 300.0  # the broker redelivers a message held longer than this
-    id_hold: float = 20.0  # how long a worker retries Redis to record a prediction id only it holds
-    input_link_ttl: int = 3600  # a presigned input link outlives a prediction and its retries
-
-    @property
-    def longest_countdown(self) -> float:
-        """No message waits longer than this: past the visibility timeout the broker would deliver
-        a second copy of it while the first still waits. Longer waits are taken in hops."""
-        return max(1.0, self.visibility_timeout / 2)
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
-        env = dict(os.environ if env is None else env)
-        return cls(
-            redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            prefix=env.get("SEEDREAM_PREFIX", DEFAULT_PREFIX),
-            atlas=AtlasConfig.from_env(env, read_retry=Backoff(attempts=2, initial=0.2, maximum=1.0)),
-            limits=Limits.from_env(env),
-            s3_endpoint=env.get("AWS_ENDPOINT_URL") or None,
-            poll_deadline=float(env.get("SEEDREAM_POLL_DEADLINE", "900")),
-            warmup_grace=float(env.get("SEEDREAM_WARMUP_GRACE", "30")),
-            visibility_timeout=float(env.get("SEEDREAM_VISIBILITY_TIMEOUT", "300")),
-            input_link_ttl=_link_ttl(env.get("SEEDREAM_INPUT_LINK_TTL", "3600")),
-        )
-
-
-def _link_ttl(text: str) -> int:
-    try:
-        seconds = int(text)
-    except ValueError:
-        raise ConfigError(f"SEEDREAM_INPUT_LINK_TTL={text!r} is not a whole number of seconds") from None
-    if not 60 <= seconds <= 7 * 86400:  # SigV4 links work at most 7 days
-        raise ConfigError("SEEDREAM_INPUT_LINK_TTL must be 60 seconds to 7 days")
-    return seconds
 
 
 class Context:

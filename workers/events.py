@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs.models import micros_to_usd
 from jobs.records import FINAL, JobRecord
+from manifests.models import micros_to_usd
 from workers.metrics import COST, FINISHED, JOB_SECONDS, POLLS, RATE_LIMITED, RETRIES, SUBMITS, UPLOADS
 
 log = logging.getLogger("seedream.jobs")

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.control import AUTH, refused_by
-from jobs.errors import AuthError, RateLimited, ServiceError, StorageError, TransientError
-from jobs.images import NotAnImage, inspect
 from jobs.records import JobRecord
+from jobs.retry import backoff
+from manifests.errors import AuthError, RateLimited, ServiceError, StorageError, TransientError
+from manifests.images import NotAnImage, inspect
 from workers import events
 from workers.context import Context
-from workers.retry import backoff
 
 log = logging.getLogger("seedream.jobs")
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from jobs.errors import NotifyError
+from manifests.errors import NotifyError
 
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 

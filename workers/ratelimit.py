@@ -29,7 +29,9 @@ local cool = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cool > now then return {0, tostring(cool - now)} end
 """
 
-_ACQUIRE = _NOW_UNLESS_COOLING + """
+_ACQUIRE = (
+    _NOW_UNLESS_COOLING
+    + """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local horizon = tonumber(ARGV[3])
@@ -49,8 +51,11 @@ local new_tat = math.max(tat, now) + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now + tolerance) * 1000) + 1000)
 return {1, tostring(wait)}
 """
+)
 
-_PACE = _NOW_UNLESS_COOLING + """
+_PACE = (
+    _NOW_UNLESS_COOLING
+    + """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -58,6 +63,7 @@ local new_tat = math.max(tat, now) + interval
 redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1000)
 return {1, tostring(math.max(now, tat - tolerance) - now)}
 """
+)
 
 _COOL = """
 local t = redis.call('TIME')

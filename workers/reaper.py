@@ -16,8 +16,9 @@ import threading
 import time
 import uuid
 
-from jobs.errors import StateError
+from manifests.errors import StateError
 from workers.context import Context
+from workers.dispatch import admit, queue_for, send_job
 
 log = logging.getLogger("seedream.reaper")
 
@@ -31,8 +32,6 @@ def grace_seconds() -> float:
 
 def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None) -> int:
     """Re-drive overdue jobs of every active run; return how many."""
-    from workers.tasks import admit, queue_for, run_job
-
     grace = grace_seconds() if grace is None else grace
     now = time.time() if now is None else now
     lock = f"{ctx.settings.prefix}:reaper:lock"
@@ -53,7 +52,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
                 token = uuid.uuid4().hex
                 ctx.runs.force_token(run_id, job_id, token)
                 ctx.runs.set_due(run_id, job_id, now)
-                run_job.apply_async((run_id, job_id, token), queue=queue_for(meta, rec.state))
+                send_job(run_id, job_id, token, queue=queue_for(meta, rec.state))
                 ctx.runs.bump(run_id, "redriven")
                 redriven += 1
                 extra = {"run_id": run_id, "job_id": job_id, "event": "redriven", "status": rec.state}

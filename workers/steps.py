@@ -20,19 +20,6 @@ from typing import Any
 from jobs.budget import ledger_key, worst_case
 from jobs.claims import DONE, FRESH, HELD, MINE
 from jobs.control import AUTH, PAYMENT, refused_by
-from jobs.errors import (
-    AuthError,
-    BadOutput,
-    BadRequest,
-    OutcomeUnknown,
-    PaymentRequired,
-    RateLimited,
-    ServiceError,
-    StateError,
-    StorageError,
-    TransientError,
-)
-from jobs.images import NotAnImage, inspect
 from jobs.records import (
     FAILED,
     FETCHING,
@@ -46,15 +33,29 @@ from jobs.records import (
     JobRecord,
 )
 from jobs.results import Entry, find, new_entry
+from jobs.retry import backoff
 from jobs.secret import redact_links
 from jobs.thumbs import store_output_thumbnail
+from manifests.errors import (
+    AuthError,
+    BadOutput,
+    BadRequest,
+    OutcomeUnknown,
+    PaymentRequired,
+    RateLimited,
+    ServiceError,
+    StateError,
+    StorageError,
+    TransientError,
+)
+from manifests.images import NotAnImage, inspect
 from workers import events
 from workers.context import Context
+from workers.dispatch import maybe_finalize
 from workers.inputs import InputFailed, input_links, prepare_inputs
 from workers.metrics import STEP_SECONDS
 from workers.polling import budget as poll_budget
 from workers.prediction import State
-from workers.retry import backoff
 
 log = logging.getLogger("seedream.jobs")
 NEXT = -1.0  # the state changed: take the next step now
@@ -227,8 +228,6 @@ def _final(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> float | None:
             events.retry(rec, "store_record", n, str(exc))
             return backoff(n, 1.0, 60.0) if n < ctx.settings.max_store_attempts else None
         finished = ctx.runs.record_stored(rec.run_id, rec.id, succeeded=rec.state == SUCCEEDED)
-        from workers.finish import maybe_finalize
-
         maybe_finalize(ctx, rec.run_id, finished)
     return None
 

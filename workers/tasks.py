@@ -12,18 +12,17 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
-from jobs.backlog import sizes
-from jobs.errors import NotifyError, StateError, StorageError
 from jobs.logs import job_context
-from jobs.records import FETCHING, PENDING
+from jobs.records import PENDING
 from jobs.report import write_run_report
 from jobs.thumbs import input_reader
+from manifests.errors import NotifyError, StateError, StorageError
 from workers import notify
-from workers.celery import app
+from workers.celery_app import app
 from workers.context import Context, get_context
+from workers.dispatch import FINALIZE_TASK, JOB_TASK, NOTIFY_TASK, admit, publish, queue_for, send_job, send_notify
 from workers.steps import STALE, drive
 
 log = logging.getLogger("seedream.tasks")
@@ -39,7 +38,7 @@ STEP_LEASE = float(os.environ.get("SEEDREAM_STEP_LEASE", "180"))
 INLINE_JOBS = 50
 
 
-@app.task(name="seedream.job", bind=True, acks_late=True, ignore_result=True, max_retries=None)
+@app.task(name=JOB_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def run_job(self, run_id: str, job_id: str, token: str) -> None:  # type: ignore[no-untyped-def]
     ctx = get_context()
     try:
@@ -97,7 +96,7 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
         state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
         if state is not None:
             queue = queue_for(ctx.meta(run_id), state)
-            run_job.apply_async((run_id, job_id, new), countdown=wait, queue=queue)
+            send_job(run_id, job_id, new, countdown=wait, queue=queue)
             ctx.runs.commit_token(run_id, job_id, token, new)
             log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
                       extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
@@ -106,15 +105,7 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
     return None
 
 
-def queue_for(meta: dict[str, Any], state: str) -> str | None:
-    """Downloads and storage writes go to the run's fetch queue when it has one (hosts near the
-    bucket); everything else to its queue."""
-    if state == FETCHING and meta.get("fetch_queue"):
-        return str(meta["fetch_queue"])
-    return meta.get("queue") or None
-
-
-@app.task(name="seedream.finalize", bind=True, acks_late=True, ignore_result=True, max_retries=None)
+@app.task(name=FINALIZE_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
     ctx = get_context()
     try:
@@ -129,7 +120,7 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
              extra={"run_id": run_id, "event": "run_finished", "status": summary["outcome"],
                     "cost_usd": summary["total_cost_usd"]})  # fmt: skip
     if _notify_url(ctx, run_id):
-        notify_run.apply_async((run_id, summary), queue=ctx.meta(run_id).get("queue") or None)
+        send_notify(run_id, summary, ctx.meta(run_id).get("queue") or None)
 
 
 def _notify_url(ctx: Context, run_id: str) -> str:
@@ -137,7 +128,7 @@ def _notify_url(ctx: Context, run_id: str) -> str:
     return str(ctx.meta(run_id).get("notify_url") or os.environ.get("SEEDREAM_NOTIFY_URL") or "")
 
 
-@app.task(name="seedream.notify", bind=True, acks_late=True, ignore_result=True, max_retries=None)
+@app.task(name=NOTIFY_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
 def notify_run(self, run_id: str, summary: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
     """POST the summary to the run's webhook, a few times with growing pauses; whatever the
     webhook does, the run's result stands (the outcome is kept in the run's `notified`)."""
@@ -157,28 +148,3 @@ def notify_run(self, run_id: str, summary: dict[str, Any]) -> None:  # type: ign
         return
     log.info("run %s: webhook told (HTTP %d)", run_id, status, extra=extra)
     ctx.runs.set_run(run_id, notified=f"ok after {tried} tries")
-
-
-def admit(ctx: Context, run_id: str, *, done: str = "", keep_one: bool = False) -> tuple[str, str, str] | None:
-    """Let waiting jobs of a run in, up to its window (after job `done` ended, and from the
-    watchdog), and publish their messages; with `keep_one`, the first is returned instead, for
-    the caller to drive itself."""
-    meta = ctx.meta(run_id)
-    window, ready = sizes(meta, ctx.settings.limits, ctx.slots.capacity())
-    jobs = ctx.backlog.admit(run_id, window, done=done, ready=ready)
-    first = jobs.pop(0) if keep_one and jobs else None
-    publish(run_id, jobs, meta)
-    return first
-
-
-def publish(run_id: str, jobs: Iterable[tuple[str, str, str]], meta: dict[str, Any], *, countdown: float = 0.0) -> int:
-    """One message per (job, token, state), on the queue for its state, over one producer
-    connection, sent in pipelined batches (kombu's producer batch: one round trip per 500
-    messages instead of one each)."""
-    n = 0
-    with app.producer_or_acquire() as producer, producer.batch(500):
-        for jid, token, state in jobs:
-            queue = queue_for(meta, state)
-            run_job.apply_async((run_id, jid, token), queue=queue, producer=producer, countdown=countdown or None)
-            n += 1
-    return n

@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from jobs.errors import BadOutput
 from manifests.addresses import is_internal_address, is_internal_host, literal_address, normal_host
+from manifests.errors import BadOutput
 
 RESOLVE_SECONDS = 2.0
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.images import inspect
 from jobs.records import FINAL
 from jobs.storage import open_storage
+from manifests.images import inspect
 from sandbox.server import SandboxProcess
 from tests.pipeline import Pipeline, read_report
 

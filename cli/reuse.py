@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from jobs import results
-from jobs.errors import StorageError
 from jobs.results import reuse_roots
+from manifests.errors import StorageError
 
 
 def reuse_options(fn: Callable[..., Any]) -> Callable[..., Any]:

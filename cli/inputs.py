@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from jobs.errors import ConfigError
 from jobs.inputs import MODES, plan, upload_verdict
 from jobs.settings import environ_default
+from manifests.errors import ConfigError
 from manifests.validate import Validator
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from jobs.estimate import format_duration
-from jobs.models import micros_to_usd
 from jobs.runs import Progress
+from manifests.models import micros_to_usd
 
 PLAIN_INTERVAL = 5.0  # seconds between plain lines: a log stays readable over a night
 RATE_WINDOW = 10.0  # seconds of submits the shown rate is averaged over

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from jobs.errors import ConfigError
+from manifests.errors import ConfigError
 
 DEFAULT_MODEL = "bytedance/seedream-v4/edit"
 # Parameters the batch runner sets itself or cannot honour (it polls and downloads URLs).

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import click
 
-from jobs import progress_view
-from jobs.cli_inputs import bulk_upload_threshold, inputs_options
-from jobs.cli_reuse import reuse_options
-from jobs.config import Limits
-from jobs.errors import ConfigError, SeedreamError
+from cli import progress_view
+from cli.inputs import bulk_upload_threshold, inputs_options
+from cli.reuse import reuse_options
+from jobs.config import Limits, WorkerSettings
 from jobs.inputs import InputsRefused
-from jobs.models import micros_to_usd, usd_to_micros
 from jobs.report import MAX_PRESIGN_SECONDS
 from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
-from workers.context import WorkerSettings
+from manifests.errors import ConfigError, SeedreamError
+from manifests.models import micros_to_usd, usd_to_micros
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -42,8 +41,8 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     from jobs.backlog import Backlog, sizes
     from jobs.records import RunStore
     from jobs.redisio import connect
+    from workers.dispatch import publish
     from workers.slots import Slots
-    from workers.tasks import publish
 
     store = RunStore(connect(settings.redis_url), prefix=settings.prefix)
     backlog = Backlog(store.client, store)
@@ -60,7 +59,7 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
 
 
 def _follow(runs: Runs, run_id: str, *, as_json: bool = False) -> Progress:
-    """Follow a run to its end with the view that fits stdout (jobs/progress_view.py)."""
+    """Follow a run to its end with the view that fits stdout (cli/progress_view.py)."""
     with progress_view.view(as_json=as_json, limit=runs.settings.limits.submit_rate) as show:
         return runs.wait(run_id, show)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from jobs.errors import RateLimited, is_transient
+from manifests.errors import RateLimited, is_transient
 
 T = TypeVar("T")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from jobs.errors import SeedreamError
 from jobs.exit_codes import ERROR, INVALID
+from manifests.errors import SeedreamError
 from manifests.from_source import Join, TemplateError, build, render, scan_folder, scan_s3, write_atomically
 from manifests.reader import detect_format
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from jobs.cli_runs import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, settings_from_env
+from cli.runs import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, settings_from_env
 from jobs.doctor import Inputs, diagnose
-from jobs.errors import ConfigError
+from manifests.errors import ConfigError
 
 
 @click.command("doctor")

@@ -13,19 +13,21 @@ from typing import Any
 
 import click
 
+from cli import checks, runs
+from cli.inputs import inputs_options, warn_uploads
+from cli.manifest import manifest_command
+from cli.reuse import known_edits, reuse_options
 from jobs.catalogue import Catalogue, Prices, Schemas
-from jobs.cli_inputs import inputs_options, warn_uploads
-from jobs.cli_reuse import known_edits, reuse_options
 from jobs.config import AtlasConfig, Limits
-from jobs.errors import ConfigError, StorageError
 from jobs.estimate import Estimate, render_text
 from jobs.exit_codes import document
 from jobs.logs import configure
-from jobs.models import ModelTable, usd_to_micros
 from jobs.s3check import checked_scan, s3_header
 from jobs.settings import FILE_NAME, SETTINGS, apply, effective, environ_flag
+from manifests.errors import ConfigError, StorageError
+from manifests.models import ModelTable, usd_to_micros
 from manifests.validate import Result, Validator
-from sandbox.settings import Faults, SandboxSettings
+from sandbox.command import sandbox_command
 
 EXIT_INVALID = 2
 
@@ -78,75 +80,6 @@ def config_command(ctx: click.Context, as_json: bool) -> None:
     click.echo("  ".join(k.ljust(w) for k, w in widths.items()) + "  env / flag")
     for r in rows:
         click.echo("  ".join(r[k].ljust(w) for k, w in widths.items()) + f"  {r['env']} / {r['flag']}")
-
-
-@click.command("sandbox")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8787, show_default=True, type=int, help="Port to listen on.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every random choice.")
-@click.option(
-    "--delay",
-    default="fixed:0",
-    show_default=True,
-    help="Prediction time: fixed:S, lognormal:MEDIAN:SIGMA or uniform:LOW:HIGH.",
-)
-@click.option("--submit-rate", default=0.0, type=float, help="Submits/s per key (0: no limit).")
-@click.option("--submit-burst", default=0, type=int, help="Submit bucket size (0: one second's worth).")
-@click.option("--max-in-flight", default=0, type=int, help="Predictions in progress per key (0: no limit).")
-@click.option(
-    "--balance",
-    "balance_usd",
-    default=10_000.0,
-    type=float,
-    show_default=True,
-    help="Account balance in USD; submits past it get 402.",
-)
-@click.option(
-    "--fault",
-    "faults",
-    multiple=True,
-    metavar="NAME=RATE",
-    help=f"Inject a fault with a probability; names: {', '.join(Faults.__dataclass_fields__)}.",
-)
-@click.option("--settings-json", default="", help="All settings as one JSON object (overrides flags).")
-def sandbox_command(
-    host: str,
-    port: int,
-    seed: int,
-    delay: str,
-    submit_rate: float,
-    submit_burst: int,
-    max_in_flight: int,
-    balance_usd: float,
-    faults: tuple[str, ...],
-    settings_json: str,
-) -> None:
-    """Serve a local Atlas Cloud stand-in (API, files, faults, accounting) over HTTP."""
-    from sandbox.server import serve
-
-    settings = SandboxSettings()
-    try:
-        fault_rates = {}
-        for item in faults:
-            name, _, rate = item.partition("=")
-            fault_rates[name.strip()] = float(rate)
-        settings.update(
-            {
-                "seed": seed,
-                "delay": delay,
-                "submit_rate": submit_rate,
-                "submit_burst": submit_burst,
-                "max_in_flight": max_in_flight,
-                "balance_usd": balance_usd,
-                "faults": fault_rates,
-            }
-        )
-        if settings_json:
-            settings.update(json.loads(settings_json))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    click.echo(f"sandbox: http://{host}:{port}/api/v1 (admin: http://{host}:{port}/_sandbox/accounting)")
-    serve(host, port, settings)
 
 
 main.add_command(sandbox_command)
@@ -330,12 +263,6 @@ def estimate_command(
         click.echo(line)
 
 
-def _add_run_commands() -> None:
-    from jobs import cli_checks, cli_manifest, cli_runs
-
-    for command in [cli_manifest.manifest_command, *cli_runs.COMMANDS, *cli_checks.COMMANDS]:
-        main.add_command(command)
-    document(main)
-
-
-_add_run_commands()
+for _command in [manifest_command, *runs.COMMANDS, *checks.COMMANDS]:
+    main.add_command(_command)
+document(main)

@@ -1,0 +1,1 @@
+"""The command line: `seedream-batch` and its commands, on top of every other layer."""
