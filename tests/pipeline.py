@@ -149,14 +149,21 @@ def one_job(
     sandbox: SandboxProcess, redis_url: str, prefix: str, tmp: Path, *, image: str = "a.png", **env: str
 ) -> tuple[WorkerSettings, str, Path]:
     """A run of one row, started without workers: tests drive its job step by step."""
+    return one_job_at(sandbox.api_base, redis_url, prefix, tmp, image=image, **env)
+
+
+def one_job_at(
+    api_base: str, redis_url: str, prefix: str, tmp: Path, *, image: str = "a.png", **env: str
+) -> tuple[WorkerSettings, str, Path]:
+    """`one_job` against any service address: a stand-in client needs no sandbox running."""
     (tmp / "a.png").write_bytes(image_bytes())
     manifest = write_manifest(tmp, [{"id": "sku-1", "prompt": "white marble", "images": [image]}])
     settings = WorkerSettings.from_env(
         {"REDIS_URL": redis_url, "SEEDREAM_PREFIX": prefix, "ATLASCLOUD_API_KEY": API_KEY,
-         "ATLASCLOUD_API_BASE": sandbox.api_base, "SEEDREAM_SUBMIT_RATE": "50", **env}
+         "ATLASCLOUD_API_BASE": api_base, "SEEDREAM_SUBMIT_RATE": "50", **env}
     )  # fmt: skip
     out = tmp / "out"
-    opts = RunOptions(manifest=manifest, output=str(out), api_base=sandbox.api_base, check_balance=False)
+    opts = RunOptions(manifest=manifest, output=str(out), api_base=api_base, check_balance=False)
     started = start_run(opts, settings, lambda run_id: 0)
     return settings, started.run_id, out / started.run_id
 
