@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from jobs.keys import budget as budget_keys
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 from manifests.errors import ConfigError
 
@@ -124,8 +125,7 @@ class Budget:
             raise ConfigError(f"budget scope {scope!r}: use letters, digits, '.', '_', '-' (at most 128)")
         self.client = client
         self.scope = scope
-        base = f"{prefix}:budget:{scope}"
-        self.keys = [base, f"{base}:reserved", f"{base}:settled"]
+        self.keys = budget_keys(prefix, scope)
         self._reserve = script(client, _RESERVE)
         self._settle = script(client, _SETTLE)
         self._release = script(client, _RELEASE)

@@ -16,6 +16,7 @@ import hashlib
 
 import redis
 
+from jobs.keys import edit_claim
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 
 LEASE = 900.0  # seconds; renewed at every step of the holder (each poll, each hop)
@@ -78,7 +79,7 @@ class Claims:
         self._take_from = script(client, _TAKE_FROM)
 
     def key(self, root: str, fp: str) -> str:
-        return f"{self.prefix}:edit:{root}:{fp}"
+        return edit_claim(self.prefix, root, fp)
 
     @translated
     def take(self, root: str, fp: str, holder: str, *, over_done: bool = False) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 
+from jobs.keys import RunKeys
 from jobs.redisio import DEFAULT_PREFIX, translated
 from manifests.errors import AgentRefused, AuthError
 
@@ -25,7 +26,7 @@ class RunControl:
 
     def key(self, run_id: str) -> str:
         """The run's halt flag: absent, or the reason every worker stops submitting."""
-        return f"{self.prefix}:run:{run_id}:halt"
+        return RunKeys(self.prefix, run_id).halt
 
     @translated
     def halt(self, run_id: str, reason: str) -> str:

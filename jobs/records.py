@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import redis
 
+from jobs.keys import RunKeys, active_runs
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 from manifests.spec import ImageRef, JobSpec
 
@@ -275,33 +276,33 @@ class RunStore:
         self._hand_back = script(client, _HAND_BACK)
 
     # -- keys --------------------------------------------------------------------------------
+    # (spelled in jobs/keys.py, which says what each holds)
+    def keys(self, run_id: str) -> RunKeys:
+        return RunKeys(self.prefix, run_id)
+
     def run_key(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}"
+        return self.keys(run_id).run
 
     def job_key(self, run_id: str, job_id: str) -> str:
-        return f"{self.prefix}:job:{run_id}:{job_id}"
+        return self.keys(run_id).job(job_id)
 
     def counts_key(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:counts"
+        return self.keys(run_id).counts
 
     def list_key(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:jobs"
+        return self.keys(run_id).jobs
 
     def backlog_key(self, run_id: str) -> str:
-        """List: jobs waiting to be let into the task queue (jobs/backlog.py)."""
-        return f"{self.prefix}:run:{run_id}:backlog"
+        return self.keys(run_id).backlog
 
     def due_key(self, run_id: str) -> str:
-        """Sorted set: job -> when its next task message should have run (host clock)."""
-        return f"{self.prefix}:run:{run_id}:due"
+        return self.keys(run_id).due
 
     def ready_key(self, run_id: str) -> str:
-        """Set: jobs let in and not yet submitted (the window's ready part, jobs/backlog.py)."""
-        return f"{self.prefix}:run:{run_id}:ready"
+        return self.keys(run_id).ready
 
     def finalized_key(self, run_id: str) -> str:
-        """Set once the run's end was handed to the report writer (see workers/finish.py)."""
-        return f"{self.prefix}:run:{run_id}:finalized"
+        return self.keys(run_id).finalized
 
     @translated
     def reopen_run(self, run_id: str) -> None:
@@ -315,7 +316,7 @@ class RunStore:
 
     @property
     def active_key(self) -> str:
-        return f"{self.prefix}:runs:active"
+        return active_runs(self.prefix)
 
     @translated
     def set_due(self, run_id: str, job_id: str, when: float) -> None:

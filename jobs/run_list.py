@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from jobs.budget import Budget
+from jobs.keys import run_head, run_ids
 from jobs.runs import Runs
 from jobs.storage import S3Storage, open_output, open_storage
 from manifests.errors import StorageError
@@ -25,8 +26,8 @@ def _started(created_at: Any) -> str:
 
 def _metas(runs: Runs) -> dict[str, dict[str, Any]]:
     """Each run's record Redis holds under this prefix (a run's other keys have a further ':')."""
-    head = f"{runs.settings.prefix}:run:"
-    ids = {k[len(head) :] for k in runs.redis.scan_iter(f"{head}*", count=1000) if ":" not in k[len(head) :]}
+    prefix = runs.settings.prefix
+    ids = run_ids(prefix, runs.redis.scan_iter(f"{run_head(prefix)}*", count=1000))
     metas = {run_id: runs.store.run_meta(run_id) for run_id in ids}
     return {run_id: meta for run_id, meta in metas.items() if meta is not None and "total" in meta}
 

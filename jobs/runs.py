@@ -26,6 +26,7 @@ from jobs.control import AGENT, AUTH, CANCELLED, PAYMENT, RunControl
 from jobs.estimate import Estimate
 from jobs.inputs import InputsRefused, upload_verdict
 from jobs.inputs import plan as plan_inputs
+from jobs.keys import RunKeys
 from jobs.preflight import Verdict, account_balance, check
 from jobs.records import (
     FAILED,
@@ -498,7 +499,7 @@ class Runs:
     ) -> tuple[str, int]:
         """Continue a run: from Redis when it still knows it, else from storage alone. One resume
         of a run at a time; a run that workers still drive is refused unless `force`."""
-        lock = f"{self.settings.prefix}:run:{run_id}:resuming"
+        lock = RunKeys(self.settings.prefix, run_id).resuming
         mine = secrets.token_hex(8)
         if not self.redis.set(lock, mine, nx=True, ex=600):
             raise ConfigError(f"run {run_id} is being resumed by another command; wait for it to finish")

@@ -34,6 +34,7 @@ import time
 
 import redis
 
+from jobs.keys import RunKeys
 from jobs.redisio import script, translated
 
 AGAIN_FRACTION = 0.3  # before the run has learned anything: again after 30% of the time taken
@@ -84,7 +85,7 @@ class PollTimes:
         self._lock = threading.Lock()
 
     def _key(self, run_id: str, model: str) -> str:
-        return f"{self.prefix}:run:{run_id}:ptimes:{model}"
+        return RunKeys(self.prefix, run_id).poll_times(model)
 
     def estimate(self, run_id: str, model: str) -> Estimate | None:
         now = time.monotonic()

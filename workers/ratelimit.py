@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import redis
 
 from jobs.config import Limits
+from jobs.keys import rate as rate_key
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 
 KINDS = ("submit", "poll", "upload")
@@ -107,7 +108,7 @@ class RateLimiter:
     ) -> None:
         self.client = client
         self.limits = limits
-        self.base = f"{prefix}:rate:{key_id}"
+        self.base = rate_key(prefix, key_id)
         self._acquire = script(client, _ACQUIRE)
         self._pace = script(client, _PACE)
         self._cool = script(client, _COOL)

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 
+from jobs.keys import reaper_lock
 from manifests.errors import StateError
 from workers.context import Context
 from workers.dispatch import admit, queue_for, send_job
@@ -34,7 +35,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
     """Re-drive overdue jobs of every active run; return how many."""
     grace = grace_seconds() if grace is None else grace
     now = time.time() if now is None else now
-    lock = f"{ctx.settings.prefix}:reaper:lock"
+    lock = reaper_lock(ctx.settings.prefix)
     if not ctx.redis.set(lock, uuid.uuid4().hex, nx=True, ex=int(max(10, grace))):
         return 0
     redriven = 0

@@ -37,6 +37,7 @@ import time
 
 import redis
 
+from jobs.keys import slots as slots_key
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 
 START = 16  # the capacity before the run has heard from the service
@@ -153,7 +154,7 @@ class Slots:
         self, client: redis.Redis, key_id: str, ceiling: int, lease: float, *, prefix: str = DEFAULT_PREFIX
     ) -> None:
         self.client = client
-        self.key = f"{prefix}:slots:{key_id}"
+        self.key = slots_key(prefix, key_id)
         self.aimd_key = f"{self.key}:aimd"
         self.posted_key = f"{self.key}:posted"
         self.ceiling = ceiling

@@ -12,6 +12,7 @@ from typing import cast
 
 import redis
 
+from jobs.keys import RunKeys
 from jobs.redisio import script, translated
 
 UPLOAD_WAIT = 10.0
@@ -41,7 +42,7 @@ class UploadCache:
         self._claim = script(client, _CLAIM)
 
     def key(self, run_id: str, sha: str) -> str:
-        return f"{self.prefix}:run:{run_id}:upload:{sha}"
+        return RunKeys(self.prefix, run_id).upload(sha)
 
     @translated
     def claim(self, run_id: str, sha: str) -> tuple[str, str]:
