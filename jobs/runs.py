@@ -36,13 +36,13 @@ from jobs.records import (
     PENDING,
     SKIPPED,
     SUBMITTED,
-    SUCCEEDED,
     UNCERTAIN,
     JobRecord,
     RunStore,
 )
 from jobs.redisio import connect, looked_in
 from jobs.report import write_report, write_run_report
+from jobs.restore import Restore, earlier_paid, restore_as
 from jobs.results import FINGERPRINT, Plan, reuse_roots
 from jobs.s3check import checked_scan, s3_header
 from jobs.settings import environ_flag
@@ -596,9 +596,8 @@ class Runs:
                 cost = int(rec.get("cost_micros") or 0)
                 charge = int(rec.get("charge") or 1)
                 history = rec.get("history") or []
-                for old in history:  # earlier paid attempts count in the budget as they did
-                    if isinstance(old, dict) and int(old.get("cost_micros") or 0):
-                        budget.settle(ledger_key(run_id, jid, int(old.get("attempt") or 0)), int(old["cost_micros"]))
+                for attempt, paid in earlier_paid(history):
+                    budget.settle(ledger_key(run_id, jid, attempt), paid)
                 fields = {
                     "prediction_id": rec.get("prediction_id") or "",
                     "outputs": rec.get("outputs") or [],
@@ -616,22 +615,21 @@ class Runs:
                     "saved_micros": str(int(rec.get("saved_micros") or 0)),
                 }
                 entry = ledger_key(run_id, jid, charge)
-                state = rec.get("state")
-                if rec.get("prediction_id") and state not in (SUCCEEDED, FAILED, SKIPPED):
-                    # a prediction without a verdict (in flight, overdue): polled again, never resubmitted
+                kind = restore_as(rec)
+                if kind is Restore.POLL_AGAIN:
                     self.store.update(run_id, jid, **{**fields, "cost_micros": 0, "record_written": "0"})
                     self.store.transition(run_id, jid, PENDING, SUBMITTED, submitted_at=repr(time.time()))
                     budget.reserve(entry, worst_case(int(meta["prices"][spec.model]), spec.params))
                     if reusing and spec.fingerprint:  # its edit is under way: twins wait for it, from now
                         claims.take(str(meta["reuse_claims"]), spec.fingerprint, f"{run_id}:{jid}")
                     todo.append(jid)
-                elif state in FINAL:
+                elif kind is Restore.ENDED:
                     self.store.update(run_id, jid, **fields)
-                    self.store.transition(run_id, jid, PENDING, state, bump="reused" if fields["reused_from"] else "")
+                    ended = str(rec["state"])  # one of FINAL
+                    self.store.transition(run_id, jid, PENDING, ended, bump="reused" if fields["reused_from"] else "")
                     if cost:
                         budget.settle(entry, cost)
-                elif state == "submitting":
-                    # stored as sent only once its POST was leaving: it may exist; never resubmit
+                elif kind is Restore.MAYBE_SENT:
                     price = worst_case(int(meta["prices"][spec.model]), spec.params)
                     self.store.update(
                         run_id,
@@ -647,7 +645,7 @@ class Runs:
                     self.store.transition(run_id, jid, PENDING, UNCERTAIN)
                     budget.settle(entry, price)
                     todo.append(jid)
-                else:  # never sent (pending, or a claim handed back): it runs as a new attempt
+                else:  # Restore.UNSENT: it runs as a new attempt
                     self.store.update(run_id, jid, charge=str(charge), history=history,
                                       prior_cost_micros=fields["prior_cost_micros"])  # fmt: skip
                     todo.append(jid)
