@@ -1,9 +1,9 @@
 """Every Redis key the project writes, spelled once.
 
-The strings are a contract: deployments running an older version, Lua scripts that build a
-job's key from a prefix (jobs/backlog.py), operators' scripts and the tests read them as they
-are. Changing a spelling here strands whatever Redis holds under the old one, so a new key is
-added, an old one is never renamed.
+The strings are a contract: workers of an older version running beside newer ones, and Lua
+scripts that build a job's key from a head (jobs/backlog.py), read them as they are. Changing a
+spelling strands whatever Redis holds under the old one, so keys are added, never renamed
+(tests/test_keys.py pins each one).
 
 A run's keys all start with `<prefix>:run:<run id>`, except its jobs' records, which start with
 `<prefix>:job:<run id>:`; the run's own record is the one key under `<prefix>:run:` with no

@@ -41,8 +41,9 @@ OUTPUT = "http://atlas.invalid/files/out-0.png"
 
 @dataclass
 class FakeAtlas:
-    """The service as the steps see it: each call is counted, and answers what the test queued
-    (an exception is raised). Polls answer `running` once the queue is empty."""
+    """The service as the steps see it: each call is counted and answers what the test queued for
+    it (a queued exception is raised); with nothing queued, a submit is accepted, a poll says
+    `running` and a download is a small PNG."""
 
     submits: list[Any] = field(default_factory=list)
     polls: list[Any] = field(default_factory=list)
