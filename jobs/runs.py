@@ -49,6 +49,7 @@ from jobs.storage import Storage, open_storage, stored_records
 from jobs.thumbs import input_reader
 from manifests.errors import ConfigError, SeedreamError
 from manifests.models import ModelTable, micros_to_usd
+from manifests.s3 import s3_client
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
 
@@ -685,11 +686,7 @@ def _s3_client(endpoint: str | None) -> Callable[[], Any]:
 
     def client() -> Any:
         if not made:
-            import boto3
-            from botocore.config import Config
-
-            cfg = Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 3})
-            made.append(boto3.client("s3", endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL"), config=cfg))
+            made.append(s3_client(endpoint or os.environ.get("AWS_ENDPOINT_URL")))
         return made[0]
 
     return client

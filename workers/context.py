@@ -17,6 +17,7 @@ from jobs.redisio import connect
 from jobs.results import ResultsIndex
 from jobs.storage import Storage, open_output, open_storage
 from manifests.errors import StateError
+from manifests.s3 import s3_client
 from workers.atlas import AtlasClient
 from workers.polling import PollTimes
 from workers.ratelimit import RateLimiter
@@ -103,13 +104,8 @@ class Context:
 
     def s3(self) -> Any:
         with self._lock:
-            if self._s3 is None:
-                import boto3
-                from botocore.config import Config
-
-                # SigV4 for the presigned input links too (botocore signs those V2 unless told)
-                config = Config(connect_timeout=5, read_timeout=30, signature_version="s3v4")
-                self._s3 = boto3.client("s3", endpoint_url=self.settings.s3_endpoint, config=config)
+            if self._s3 is None:  # presigns the input links too, so SigV4 (manifests/s3.py)
+                self._s3 = s3_client(self.settings.s3_endpoint)
             return self._s3
 
 
