@@ -9,7 +9,6 @@ more checks waiting than a few per thread, so memory does not grow with the mani
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -53,7 +52,7 @@ def header(client: Any) -> Head:
 
 
 def s3_header(endpoint_url: str | None = None) -> Head:
-    return header(s3_client(endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), pool=THREADS))
+    return header(s3_client(endpoint_url, pool=THREADS))
 
 
 def head_all(uris: Iterable[str], head: Head, threads: int = THREADS) -> Iterator[tuple[str, Checked]]:

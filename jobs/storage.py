@@ -276,7 +276,7 @@ def open_output(output: str, *, under: str = "", endpoint_url: str | None = None
         if not parts.netloc:
             raise ConfigError(f"--output {output!r}: expected s3://bucket/prefix")
         prefix = "/".join(p for p in (parts.path.strip("/"), under) if p)
-        return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+        return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url)
     if "://" in output:
         raise ConfigError(f"--output {output!r}: use s3://bucket/prefix or a local folder")
     return LocalStorage(Path(output) / under if under else Path(output))

@@ -99,7 +99,7 @@ def scan_s3(uri: str, endpoint: str | None) -> list[Found]:
     if not bucket:
         raise StorageError(f"{uri!r}: expected s3://bucket/prefix")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    client = s3_client(endpoint or os.environ.get("AWS_ENDPOINT_URL"))
+    client = s3_client(endpoint)
     found = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

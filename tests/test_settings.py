@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits, WorkerSettings
-from jobs.settings import BY_NAME, SETTINGS, apply, mask
+from jobs.settings import BY_NAME, SETTINGS, mask, resolve
 from manifests.errors import ConfigError
 from tests.pipeline import EXE
 
@@ -53,9 +53,13 @@ def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path: Path) -> No
 
 
 def test_the_file_reaches_a_worker_started_by_celery_itself(tmp_path: Path) -> None:
-    """`celery -A workers worker` reads no CLI flags; celeryconfig layers the file in."""
+    """`celery -A workers worker` reads no CLI flags; the app's config, derived from the settings
+    when first needed, layers the file in."""
     (tmp_path / "seedream-batch.toml").write_text('queue = "q-from-file"\nvisibility_timeout = 77\n')
-    code = "import celeryconfig as c; print(c.task_default_queue, c.broker_transport_options['visibility_timeout'])"
+    code = (
+        "from workers.celery_app import app; c = app.conf; "
+        "print(c.task_default_queue, c.broker_transport_options['visibility_timeout'])"
+    )
     env = _env(PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["q-from-file", "77"], out.stderr
@@ -88,7 +92,7 @@ def test_allow_internal_urls_is_off_unless_set(tmp_path: Path) -> None:
 
 def test_a_named_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        apply({}, config=str(tmp_path / "nope.toml"))
+        resolve({}, config=str(tmp_path / "nope.toml"))
 
 
 def test_every_setting_is_documented_and_its_default_is_the_one_in_use() -> None:
@@ -131,3 +135,22 @@ def test_the_user_agent_is_the_products_unless_set() -> None:
     assert AtlasConfig.from_env({"SEEDREAM_USER_AGENT": "my-shop/2.0"}).user_agent == "my-shop/2.0"
     with pytest.raises(ConfigError, match="one line"):
         AtlasConfig.from_env({"SEEDREAM_USER_AGENT": "a\r\nX-Injected: 1"})
+
+
+def test_the_celery_app_takes_its_config_from_the_settings_when_first_needed(tmp_path: Path) -> None:
+    """Nothing is read at import: settings installed after the app was imported still make its
+    config (as the command line does), and every value Celery needs from them arrives."""
+    code = (
+        "from workers.celery_app import app\n"
+        "from jobs.environment import install\n"
+        "from jobs.settings import resolve\n"
+        "install(resolve({'SEEDREAM_BROKER_URL': 'redis://127.0.0.1:6379/9', 'SEEDREAM_QUEUE': 'q-late',\n"
+        "    'SEEDREAM_VISIBILITY_TIMEOUT': '41', 'SEEDREAM_RESTORE_INTERVAL': '3', 'SEEDREAM_TASK_EVENTS': '1'}))\n"
+        "c = app.conf\n"
+        "print(c.broker_url, c.task_default_queue, c.broker_transport_options['visibility_timeout'],\n"
+        "      c.broker_transport_options['unacked_restore_interval'], c.worker_send_task_events)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True
+    )
+    assert out.stdout.split() == ["redis://127.0.0.1:6379/9", "q-late", "41", "3", "True"], out.stderr

@@ -1,4 +1,4 @@
-"""Everything a worker process needs, built once from its environment and shared by its threads."""
+"""Everything a worker process needs, built once from its settings and shared by its threads."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from jobs.budget import Budget
 from jobs.claims import Claims
 from jobs.config import WorkerSettings
 from jobs.control import RunControl
+from jobs.environment import process_settings
 from jobs.records import RunStore
 from jobs.redisio import connect
 from jobs.results import ResultsIndex
@@ -114,8 +115,10 @@ _context_lock = threading.Lock()
 
 
 def get_context() -> Context:
+    """The process's context, built on first use from the settings the process runs with
+    (jobs/environment.py): those the command line installed, or resolved once here."""
     global _context
     with _context_lock:
         if _context is None:
-            _context = Context(WorkerSettings.from_env())
+            _context = Context(WorkerSettings.from_settings(process_settings()))
         return _context
