@@ -150,8 +150,8 @@ def run_command(
         sys.exit(EXIT_INVALID)
     try:
         # This command's own flags count as the global ones would, for its workers too.
-        given = install(options.settings().with_flags(submit_rate=submit_rate, max_in_flight=max_in_flight,
-                                              log_format=log_format))  # fmt: skip
+        flags = {"submit_rate": submit_rate, "max_in_flight": max_in_flight, "log_format": log_format}
+        given = install(options.settings().with_flags(**flags))
         config = WorkerSettings.from_settings(given)
         config = replace(config, atlas=config.atlas.with_(api_base=api_base)) if api_base else config
         opts = RunOptions(
