@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from cli.inputs import inputs_options
+from cli.options import s3_endpoint_option
 from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits, WorkerSettings
-from jobs.settings import BY_NAME, SETTINGS, mask, resolve
+from jobs.settings import BY_NAME, SETTINGS, Settings, mask, resolve
 from manifests.errors import ConfigError
 from tests.pipeline import EXE
 
@@ -154,3 +158,28 @@ def test_the_celery_app_takes_its_config_from_the_settings_when_first_needed(tmp
         [sys.executable, "-c", code], cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True
     )
     assert out.stdout.split() == ["redis://127.0.0.1:6379/9", "q-late", "41", "3", "True"], out.stderr
+
+
+def test_an_option_with_a_setting_behind_it_defaults_to_that_setting() -> None:
+    """`--s3-endpoint`, `--inputs`, ... of a subcommand: unset, they take the resolved setting
+    (file or environment), so the file counts for them too; a flag still wins."""
+
+    @click.command()
+    @s3_endpoint_option
+    @inputs_options
+    def probe(s3_endpoint: str | None, inputs: str, inputs_bucket: str | None, allow_bulk_upload: bool) -> None:
+        click.echo(f"{s3_endpoint} {inputs} {inputs_bucket} {allow_bulk_upload}")
+
+    def shown(settings: Settings, *args: str) -> str:
+        result = CliRunner().invoke(probe, list(args), obj=settings)
+        assert result.exit_code == 0, result.output
+        return result.output.strip()
+
+    assert shown(resolve({}, read_config=False)) == "None auto None False"
+    given = resolve(
+        {"AWS_ENDPOINT_URL": "http://s3.local", "SEEDREAM_INPUTS": "presign", "SEEDREAM_ALLOW_BULK_UPLOAD": "yes"},
+        read_config=False,
+        flags={"inputs_bucket": "s3://b/p"},
+    )
+    assert shown(given) == "http://s3.local presign s3://b/p True"
+    assert shown(given, "--s3-endpoint", "http://flag", "--inputs", "upload") == "http://flag upload s3://b/p True"
