@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from cli.runs import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, settings_from_env
+from cli.options import FromSettings, s3_endpoint_option, worker_settings
+from cli.runs import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from jobs.doctor import Inputs, diagnose
 from manifests.errors import ConfigError
 
@@ -19,9 +19,11 @@ from manifests.errors import ConfigError
 @click.option(
     "--output", default=None, help="s3://bucket/prefix or a folder: a probe object is written, read, deleted."
 )
-@click.option("--models-file", default=None, envvar="SEEDREAM_MODELS_FILE", help="JSON overriding the model table.")
-@click.option("--api-base", default=None, envvar="ATLASCLOUD_API_BASE", help="The service's API base URL.")
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@click.option(
+    "--models-file", default=None, cls=FromSettings, setting="models_file", help="JSON overriding the model table."
+)
+@click.option("--api-base", default=None, cls=FromSettings, setting="api_base", help="The service's API base URL.")
+@s3_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with every check.")
 def doctor_command(
     manifest: Path | None,
@@ -38,18 +40,20 @@ def doctor_command(
     from workers.atlas import AtlasClient
 
     try:
-        settings = settings_from_env(api_base)
+        settings = worker_settings(api_base)
+        allow_internal_urls = settings.resolved.flag("allow_internal_urls")
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     inputs = Inputs(
         redis_url=settings.redis_url,
-        broker_url=os.environ.get("SEEDREAM_BROKER_URL") or settings.redis_url,
+        broker_url=settings.resolved.text("broker_url") or settings.redis_url,
         output=output,
         s3_endpoint=s3_endpoint,
         manifest=manifest,
         models_file=models_file,
         has_key=bool(settings.atlas.api_key),
+        allow_internal_urls=allow_internal_urls,
     )
     report = diagnose(inputs, lambda: AtlasClient(settings.atlas))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render_text())

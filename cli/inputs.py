@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
+from cli.options import FromSettings, settings
 from jobs.inputs import MODES, plan, upload_verdict
-from jobs.settings import environ_default
 from manifests.errors import ConfigError
 from manifests.validate import Validator
 
@@ -17,13 +17,15 @@ def inputs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--allow-bulk-upload",
         is_flag=True,
-        envvar="SEEDREAM_ALLOW_BULK_UPLOAD",
+        cls=FromSettings,
+        setting="allow_bulk_upload",
         help="Send more files than SEEDREAM_BULK_UPLOAD_THRESHOLD through the service's uploadMedia anyway.",
     )(fn)
     fn = click.option(
         "--inputs-bucket",
         default=None,
-        envvar="SEEDREAM_INPUTS_BUCKET",
+        cls=FromSettings,
+        setting="inputs_bucket",
         help="s3://bucket/prefix where local inputs are staged and sent as presigned links "
         "(default: <output>/inputs/ for an s3:// output).",
     )(fn)
@@ -32,18 +34,15 @@ def inputs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Choice(MODES),
         default="auto",
         show_default=True,
-        envvar="SEEDREAM_INPUTS",
+        cls=FromSettings,
+        setting="inputs",
         help="auto: presigned links from your bucket, uploadMedia only without one; "
         "presign: never upload; upload: every local and s3:// input through uploadMedia.",
     )(fn)
 
 
 def bulk_upload_threshold() -> int:
-    text = environ_default("bulk_upload_threshold")
-    try:
-        return int(text)
-    except ValueError:
-        raise ConfigError(f"SEEDREAM_BULK_UPLOAD_THRESHOLD={text!r} is not a whole number") from None
+    return settings().whole("bulk_upload_threshold")
 
 
 def warn_uploads(validator: Validator, output: str | None, inputs: str, inputs_bucket: str | None, allow: bool) -> None:

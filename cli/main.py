@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,14 +15,16 @@ import click
 from cli import checks, runs
 from cli.inputs import inputs_options, warn_uploads
 from cli.manifest import manifest_command
+from cli.options import FromSettings, settings
 from cli.reuse import known_edits, reuse_options
 from jobs.catalogue import Catalogue, Prices, Schemas
 from jobs.config import AtlasConfig, Limits
+from jobs.environment import install, load
 from jobs.estimate import Estimate, render_text
 from jobs.exit_codes import document
 from jobs.logs import configure
 from jobs.s3check import checked_scan, s3_header
-from jobs.settings import FILE_NAME, SETTINGS, apply, effective, environ_flag
+from jobs.settings import FILE_NAME, SETTINGS
 from manifests.errors import ConfigError, StorageError
 from manifests.models import ModelTable, usd_to_micros
 from manifests.validate import Result, Validator
@@ -61,10 +62,13 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     if "api_key" in values:
         values["api_key"] = Path(values["api_key"]).read_text(encoding="utf-8").strip()
     try:
-        ctx.obj = {"sources": apply(os.environ, config=config_path, flags=values)}
+        settings = load(config=config_path, flags=values)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    configure(os.environ.get("SEEDREAM_LOG_FORMAT", "text"), os.environ.get("SEEDREAM_LOG_LEVEL") or "WARNING")
+    # The one object this command line runs with: its subcommands read it from the context, and
+    # the Celery app, the in-process worker included, derives its config from it (celeryconfig.py).
+    ctx.obj = install(settings)
+    configure(settings.text("log_format"), settings.text("log_level") or "WARNING", secrets=settings.secrets())
 
 
 @main.command("config")
@@ -72,7 +76,7 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 @click.pass_context
 def config_command(ctx: click.Context, as_json: bool) -> None:
     """Print every setting's value now (secrets masked) and where it came from."""
-    rows = effective(os.environ, (ctx.find_root().obj or {}).get("sources", {}))
+    rows = settings(ctx).rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -100,7 +104,8 @@ models_file_opt = click.option(
     "--models-file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    envvar="SEEDREAM_MODELS_FILE",
+    cls=FromSettings,
+    setting="models_file",
     help="JSON file overriding the model table.",
 )
 
@@ -122,14 +127,14 @@ def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: 
 
     try:
         table = ModelTable.load(models_file, default=model)
-        config = AtlasConfig.from_env(os.environ)
+        config = AtlasConfig.from_settings(settings())
     except (ConfigError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
     with catalogue_client(config) as client:
         catalogue = Catalogue.read(client)
         prices = Prices.resolve(table, catalogue)
         schemas = Schemas(catalogue, client.schema)
-        allow = environ_flag("allow_internal_urls")
+        allow = settings().flag("allow_internal_urls")
         try:
             validator = Validator(
                 manifest, prices.table, fmt=fmt, model=model, allow_internal_urls=allow, schemas=schemas
@@ -144,7 +149,8 @@ def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: 
 
 def _checked_scan(validator: Validator, **kwargs: Any) -> tuple[Result, Estimate, list[str]]:
     try:
-        return checked_scan(validator, s3_header, **kwargs)
+        endpoint = settings().text("s3_endpoint") or None
+        return checked_scan(validator, lambda: s3_header(endpoint), **kwargs)
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -240,7 +246,7 @@ def estimate_command(
     --output, the rows whose edit is already stored there are counted apart: they cost nothing."""
     try:
         budget_micros = usd_to_micros(budget) if budget is not None else None
-        limits = Limits.from_env(submit_rate=rate)
+        limits = Limits.from_settings(settings(), submit_rate=rate)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     with _validator(manifest, model, fmt, models_file) as checked:

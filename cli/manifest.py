@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from cli.options import s3_endpoint_option
 from jobs.exit_codes import ERROR, INVALID
 from manifests.errors import SeedreamError
 from manifests.from_source import Join, TemplateError, build, render, scan_folder, scan_s3, write_atomically
@@ -30,7 +31,7 @@ from manifests.reader import detect_format
 @click.option("--join", "join_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A CSV of more columns keyed by id (its 'id' column, else its first), e.g. SKU, name.")  # fmt: skip
 @click.option("--skip-invalid", is_flag=True, help="Leave out the files that cannot be used, and list them.")
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@s3_endpoint_option
 def manifest_command(
     source: str,
     prompt: str,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -12,10 +11,12 @@ from pathlib import Path
 
 import click
 
-from cli import progress_view
-from cli.inputs import bulk_upload_threshold, inputs_options
+from cli import options, progress_view
+from cli.inputs import inputs_options
+from cli.options import FromSettings, s3_endpoint_option
 from cli.reuse import reuse_options
 from jobs.config import Limits, WorkerSettings
+from jobs.environment import install
 from jobs.inputs import InputsRefused
 from jobs.report import MAX_PRESIGN_SECONDS
 from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
@@ -25,15 +26,8 @@ from manifests.models import micros_to_usd, usd_to_micros
 EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
-def settings_from_env(api_base: str | None = None) -> WorkerSettings:
-    s = WorkerSettings.from_env()
-    if api_base:
-        s = replace(s, atlas=s.atlas.with_(api_base=api_base))
-    return s
-
-
 def _queue() -> str:
-    return os.environ.get("SEEDREAM_QUEUE", "seedream")
+    return options.settings().text("queue")
 
 
 def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
@@ -75,7 +69,9 @@ def _exit_code(p: Progress) -> int:
 )
 @click.option("--model", default=None, help="Model for rows without one.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None, help="Manifest format.")
-@click.option("--models-file", default=None, envvar="SEEDREAM_MODELS_FILE", help="JSON overriding the model table.")
+@click.option(
+    "--models-file", default=None, cls=FromSettings, setting="models_file", help="JSON overriding the model table."
+)
 @click.option("--budget", default=None, help="Hard cap in USD; never passed.")
 @click.option("--campaign", default=None, help="Share the budget with other runs of this campaign name.")
 @click.option("--run-id", default=None, help="Name the run (letters, digits, . _ -); default: time + random.")
@@ -90,8 +86,8 @@ def _exit_code(p: Progress) -> int:
     "--concurrency", type=int, default=None, help="Threads per local worker (default: 2 x submit rate / workers, 8-64)."
 )
 @click.option("--wait/--no-wait", default=None, help="Show progress and wait for the end (default: on a terminal).")
-@click.option("--api-base", default=None, envvar="ATLASCLOUD_API_BASE", help="The service's API base URL.")
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@click.option("--api-base", default=None, cls=FromSettings, setting="api_base", help="The service's API base URL.")
+@s3_endpoint_option
 @click.option("--allow-partial", is_flag=True, help="Start even if the budget or balance cannot pay for every job.")
 @click.option("--skip-invalid", is_flag=True, help="Run the valid rows and list the invalid ones.")
 @click.option("--submit-rate", type=float, default=None, help="Submits/s per API key (default SEEDREAM_SUBMIT_RATE).")
@@ -105,7 +101,8 @@ def _exit_code(p: Progress) -> int:
     "--notify",
     "notify_url",
     default=None,
-    envvar="SEEDREAM_NOTIFY_URL",
+    cls=FromSettings,
+    setting="notify_url",
     help="POST the run's summary (JSON) to this URL when it ends; retried, never fails the run.",
 )
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log lines of the local workers.")
@@ -151,18 +148,16 @@ def run_command(
             err=True,
         )
         sys.exit(EXIT_INVALID)
-    if submit_rate is not None:
-        os.environ["SEEDREAM_SUBMIT_RATE"] = str(submit_rate)
-    if max_in_flight is not None:
-        os.environ["SEEDREAM_MAX_IN_FLIGHT"] = str(max_in_flight)
-    if log_format is not None:
-        os.environ["SEEDREAM_LOG_FORMAT"] = log_format
     try:
-        settings = settings_from_env(api_base)
+        # This command's own flags count as the global ones would, for its workers too.
+        flags = {"submit_rate": submit_rate, "max_in_flight": max_in_flight, "log_format": log_format}
+        given = install(options.settings().with_flags(**flags))
+        config = WorkerSettings.from_settings(given)
+        config = replace(config, atlas=config.atlas.with_(api_base=api_base)) if api_base else config
         opts = RunOptions(
             manifest=manifest,
             output=output,
-            api_base=settings.atlas.api_base,
+            api_base=config.atlas.api_base,
             model=model,
             fmt=fmt,
             models_file=models_file,
@@ -172,29 +167,33 @@ def run_command(
             allow_partial=allow_partial,
             skip_invalid=skip_invalid,
             s3_endpoint=s3_endpoint,
-            queue=_queue(),
-            fetch_queue=os.environ.get("SEEDREAM_FETCH_QUEUE", ""),
+            queue=given.text("queue"),
+            fetch_queue=given.text("fetch_queue"),
             notify_url=notify_url or "",
             inputs=inputs,
             inputs_bucket=inputs_bucket or "",
             allow_bulk_upload=allow_bulk_upload,
-            bulk_upload_threshold=bulk_upload_threshold(),
+            bulk_upload_threshold=given.whole("bulk_upload_threshold"),
             reuse=reuse,
             reuse_from=reuse_from,
         )
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     wait = bool(workers) or sys.stdout.isatty() if wait is None else wait  # its own workers: it must wait
-    threads = concurrency or settings.limits.threads(workers)
-    local = LocalWorkers(workers, concurrency=threads, queue=opts.queue, restart=True).start() if workers else None
+    threads = concurrency or config.limits.threads(workers)
+    local = (
+        LocalWorkers(workers, concurrency=threads, queue=opts.queue, settings=given, restart=True).start()
+        if workers
+        else None
+    )
     try:
         try:
-            with catalogue_client(settings.atlas) as service:
+            with catalogue_client(config.atlas) as service:
                 started = start_run(
                     opts,
-                    settings,
-                    _admitter(settings, opts.queue),
-                    client_factory=lambda base: AtlasClient(settings.atlas.with_(api_base=base)),
+                    config,
+                    _admitter(config, opts.queue),
+                    client_factory=lambda base: AtlasClient(config.atlas.with_(api_base=base)),
                     service=service,
                 )
         except ManifestRefused as exc:
@@ -225,13 +224,13 @@ def run_command(
         )
         if not wait:
             return
-        runs = Runs(settings)
+        runs = Runs(config)
         progress = _follow(runs, started.run_id)
         summary = runs.final_summary(started.run_id)
         click.echo(f"report: {summary['report']}")
         click.echo(f"gallery: {summary['gallery']}")
         if local is not None:  # the workers about to stop still owe the report and the webhook
-            runs.wait_wrapped_up(started.run_id, notify=bool(opts.notify_url or os.environ.get("SEEDREAM_NOTIFY_URL")))
+            runs.wait_wrapped_up(started.run_id, notify=bool(opts.notify_url or config.notify_url))
         sys.exit(_exit_code(progress))
     finally:
         if local is not None:
@@ -249,7 +248,7 @@ def _click_errors() -> Iterator[None]:
 
 def _runs() -> Runs:
     with _click_errors():
-        return Runs(settings_from_env())
+        return Runs(options.worker_settings())
 
 
 @click.command("status")
@@ -273,7 +272,7 @@ def status_command(run_id: str | None, as_json: bool) -> None:
 
 @click.command("runs")
 @click.option("--output", default=None, help="Also list the runs whose folders are under this output.")
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@s3_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array of runs.")
 def runs_command(output: str | None, s3_endpoint: str | None, as_json: bool) -> None:
     """The runs Redis knows (and with --output, those in storage): id, started, state, done/total,
@@ -336,7 +335,7 @@ def retry_failed_command(run_id: str, pay_again: bool) -> None:
     default=None,
     help="The manifest, if it moved since the run started (its digest must match).",
 )
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@s3_endpoint_option
 @click.option("--force", is_flag=True, help="Resume even though workers seem to drive the run still.")
 @click.option(
     "--clear-halt", is_flag=True, help="After a top-up or a new key: lift the halt and run the jobs it skipped."
@@ -371,7 +370,7 @@ def resume_command(
 @click.command("reconcile")
 @click.argument("run_id")
 @click.option("--output", default=None, help="Read the run's records here when Redis no longer knows the run.")
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@s3_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print what was polled again and both ledgers as JSON.")
 def reconcile_command(run_id: str, output: str | None, s3_endpoint: str | None, as_json: bool) -> None:
     """Poll again every job of RUN_ID that holds a prediction id without a verdict (overdue), so
@@ -426,7 +425,7 @@ def _seconds(text: str) -> int:
 @click.command("report")
 @click.argument("run_id")
 @click.option("--output", default=None, help="Rebuild from the records under this output when Redis lost the run.")
-@click.option("--s3-endpoint", default=None, envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint URL.")
+@s3_endpoint_option
 @click.option(
     "--presign",
     is_flag=True,
@@ -473,21 +472,24 @@ def worker_command(
     """Run a Celery worker for seedream jobs (thread pool; task events while Flower watches).
     SIGTERM is a warm stop: running steps finish, nothing waiting is lost. Start it with jemalloc
     preloaded (LD_PRELOAD, docs/DEPLOY.md), or its memory creeps up with every job."""
-    if log_format is not None:
-        os.environ["SEEDREAM_LOG_FORMAT"] = log_format
-    if metrics_port is not None:
-        os.environ["SEEDREAM_METRICS_PORT"] = str(metrics_port)
+    # The worker runs in this process, on the settings installed here (with these flags): its
+    # Celery config, logging and metrics are derived from them when it starts.
+    try:
+        given = install(options.settings().with_flags(log_format=log_format, metrics_port=metrics_port))
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     from workers.celery import app
     from workers.local import worker_args
 
-    fetch = os.environ.get("SEEDREAM_FETCH_QUEUE", "")
+    queue, fetch = given.text("queue"), given.text("fetch_queue")
     if role == "fetch" and not fetch and not queues:
         raise click.UsageError("--role fetch needs SEEDREAM_FETCH_QUEUE (or fetch_queue in the config file)")
-    by_role = {"control": [_queue()], "fetch": [fetch], "all": [_queue(), fetch]}[role]
+    by_role = {"control": [queue], "fetch": [fetch], "all": [queue, fetch]}[role]
     chosen = queues or ",".join(q for q in dict.fromkeys(by_role) if q)
-    quiet = os.environ.get("SEEDREAM_LOG_FORMAT") == "json"
+    quiet = given.text("log_format") == "json"
     if concurrency is None:
-        concurrency = Limits.from_env().threads()
+        with _click_errors():
+            concurrency = Limits.from_settings(given).threads()
     args = worker_args(concurrency=concurrency, queue=chosen, name=name, loglevel=loglevel, quiet=quiet)
     app.worker_main(args)
 

@@ -1,4 +1,4 @@
-"""Typed settings, built once from the environment (and flags) and passed down.
+"""Typed settings, built from the one resolved `Settings` object (jobs/settings.py) and passed down.
 
 Every value has a safe default; the API key is a `Secret` that never prints.
 """
@@ -6,7 +6,6 @@ Every value has a safe default; the API key is a `Secret` that never prints.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -16,6 +15,7 @@ from urllib.parse import urlsplit
 from jobs.redisio import DEFAULT_PREFIX
 from jobs.retry import Backoff
 from jobs.secret import Secret
+from jobs.settings import BY_NAME, Settings, resolve
 from manifests.errors import ConfigError
 
 DEFAULT_API_BASE = "https://api.atlascloud.ai/api/v1"
@@ -80,21 +80,25 @@ class AtlasConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> AtlasConfig:
-        env = os.environ if env is None else env
+    def from_settings(cls, settings: Settings, **overrides: Any) -> AtlasConfig:
         values: dict[str, Any] = {
-            "api_key": Secret(env.get("ATLASCLOUD_API_KEY", "")),
-            "api_base": env.get("ATLASCLOUD_API_BASE", DEFAULT_API_BASE),
-            "balance_url": env.get("ATLASCLOUD_BALANCE_URL", ""),
-            "user_agent": env.get("SEEDREAM_USER_AGENT") or DEFAULT_USER_AGENT,
+            "api_key": Secret(settings.text("api_key")),
+            "api_base": settings.text("api_base"),
+            "balance_url": settings.text("balance_url"),
+            "user_agent": settings.text("user_agent") or DEFAULT_USER_AGENT,
         }
-        if "SEEDREAM_MAX_OUTPUT_MB" in env:
-            values["max_output_bytes"] = int(float(env["SEEDREAM_MAX_OUTPUT_MB"]) * 1024 * 1024)
-        if "SEEDREAM_HTTP_TIMEOUT" in env:
-            t = float(env["SEEDREAM_HTTP_TIMEOUT"])
+        if settings.given("max_output_mb"):
+            values["max_output_bytes"] = int(settings.number("max_output_mb") * 1024 * 1024)
+        if settings.given("http_timeout"):  # unset, each phase keeps its own default
+            t = settings.number("http_timeout")
             values["timeouts"] = Timeouts(connect=min(t, 10.0), read=t, write=t, pool=t)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> AtlasConfig:
+        """From these variables alone (no file): tests and tools that build one by hand."""
+        return cls.from_settings(resolve(env, read_config=False), **overrides)
 
 
 @dataclass(frozen=True)
@@ -152,25 +156,30 @@ class Limits:
         return min(READY_MAX, max(READY_MIN, math.ceil(2 * self.submit_rate)))
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Limits:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Limits:
+        """From these variables alone (no file): tests and tools that build one by hand."""
+        return cls.from_settings(resolve(env, read_config=False), **overrides)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> Limits:
         names = {
-            "submit_rate": ("SEEDREAM_SUBMIT_RATE", float),
-            "submit_burst": ("SEEDREAM_SUBMIT_BURST", int),
-            "poll_rate": ("SEEDREAM_POLL_RATE", float),
-            "upload_rate": ("SEEDREAM_UPLOAD_RATE", float),
-            "max_in_flight": ("SEEDREAM_MAX_IN_FLIGHT", int),
-            "slot_lease_seconds": ("SEEDREAM_SLOT_LEASE", float),
-            "headroom": ("SEEDREAM_RATE_HEADROOM", float),
-            "window": ("SEEDREAM_WINDOW", int),
+            "submit_rate": ("submit_rate", float),
+            "submit_burst": ("submit_burst", int),
+            "poll_rate": ("poll_rate", float),
+            "upload_rate": ("upload_rate", float),
+            "max_in_flight": ("max_in_flight", int),
+            "slot_lease_seconds": ("slot_lease", float),
+            "headroom": ("rate_headroom", float),
+            "window": ("window", int),
         }
         values: dict[str, Any] = {}
-        for attr, (var, kind) in names.items():
-            if var in env:
+        for attr, (name, kind) in names.items():
+            if settings.given(name):
+                text = settings.text(name)
                 try:
-                    values[attr] = kind(env[var])
+                    values[attr] = kind(text)
                 except ValueError:
-                    raise ConfigError(f"{var}={env[var]!r} is not a number") from None
+                    raise ConfigError(f"{BY_NAME[name].env}={text!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         limits = cls(**values)
         for attr in ("submit_rate", "poll_rate", "upload_rate", "slot_lease_seconds"):
@@ -202,6 +211,13 @@ class WorkerSettings:
     visibility_timeout: float = 300.0  # the broker redelivers a message held longer than this
     id_hold: float = 20.0  # how long a worker retries Redis to record a prediction id only it holds
     input_link_ttl: int = 3600  # a presigned input link outlives a prediction and its retries
+    restore_interval: float = 5.0  # seconds between the broker's sweeps that bring such messages back
+    step_lease: float = 180.0  # a step ends well within this; past it, the watchdog may take the job over
+    notify_url: str = field(default="", repr=False)  # the webhook of runs that name none (a secret)
+    notify_attempts: int = 5
+    # What these were built from, for the settings read only where they are used (e.g.
+    # allow_internal_urls, refused only by the commands that check inputs).
+    resolved: Settings = field(default_factory=Settings, repr=False, compare=False)
 
     @property
     def longest_countdown(self) -> float:
@@ -210,19 +226,28 @@ class WorkerSettings:
         return max(1.0, self.visibility_timeout / 2)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> WorkerSettings:
-        env = dict(os.environ if env is None else env)
+    def from_settings(cls, settings: Settings) -> WorkerSettings:
         return cls(
-            redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-            prefix=env.get("SEEDREAM_PREFIX", DEFAULT_PREFIX),
-            atlas=AtlasConfig.from_env(env, read_retry=Backoff(attempts=2, initial=0.2, maximum=1.0)),
-            limits=Limits.from_env(env),
-            s3_endpoint=env.get("AWS_ENDPOINT_URL") or None,
-            poll_deadline=float(env.get("SEEDREAM_POLL_DEADLINE", "900")),
-            warmup_grace=float(env.get("SEEDREAM_WARMUP_GRACE", "30")),
-            visibility_timeout=float(env.get("SEEDREAM_VISIBILITY_TIMEOUT", "300")),
-            input_link_ttl=_link_ttl(env.get("SEEDREAM_INPUT_LINK_TTL", "3600")),
+            redis_url=settings.text("redis_url"),
+            prefix=settings.text("prefix"),
+            atlas=AtlasConfig.from_settings(settings, read_retry=Backoff(attempts=2, initial=0.2, maximum=1.0)),
+            limits=Limits.from_settings(settings),
+            s3_endpoint=settings.text("s3_endpoint") or None,
+            poll_deadline=settings.number("poll_deadline"),
+            warmup_grace=settings.number("warmup_grace"),
+            visibility_timeout=settings.number("visibility_timeout"),
+            restore_interval=settings.number("restore_interval"),
+            step_lease=settings.number("step_lease"),
+            input_link_ttl=_link_ttl(settings.text("input_link_ttl")),
+            notify_url=settings.text("notify_url"),
+            notify_attempts=max(1, int(settings.text("notify_attempts") or 5)),
+            resolved=settings,
         )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
+        """From these variables alone (no file): tests and tools that build one by hand."""
+        return cls.from_settings(resolve(env, read_config=False))
 
 
 def _link_ttl(text: str) -> int:

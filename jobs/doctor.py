@@ -21,7 +21,6 @@ from typing import Any
 from jobs.estimate import Estimate, scan
 from jobs.ledger import available_micros, money_micros
 from jobs.redisio import _safe_url, connect
-from jobs.settings import environ_flag
 from jobs.storage import open_output
 from manifests.errors import AuthError, ConfigError, ManifestError, SeedreamError, ServiceError, StorageError
 from manifests.models import ModelTable, micros_to_usd
@@ -50,6 +49,7 @@ class Inputs:
     manifest: Path | None = None
     models_file: str | None = None
     has_key: bool = True
+    allow_internal_urls: bool = False
 
 
 @dataclass
@@ -179,7 +179,7 @@ def _check_manifest(report: Report, inputs: Inputs) -> tuple[ModelTable | None, 
         report.add("manifest", SKIP, "no manifest given: the table's models are checked, no estimate")
         return table, None
     try:
-        validator = Validator(inputs.manifest, table, allow_internal_urls=environ_flag("allow_internal_urls"))
+        validator = Validator(inputs.manifest, table, allow_internal_urls=inputs.allow_internal_urls)
         result, est, _ = scan(validator)
     except (ConfigError, ManifestError, ValueError, OSError) as exc:
         report.add("manifest", FAIL, f"{inputs.manifest}: {exc}")

@@ -15,11 +15,10 @@ import contextlib
 import contextvars
 import json
 import logging
-import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from jobs.secret import redact_links
@@ -27,7 +26,7 @@ from jobs.secret import redact_links
 _JOB: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("seedream_job", default=None)
 # fields a line may carry through `extra=`; anything else a library adds stays out of the JSON
 FIELDS = ("event", "from_state", "to_state", "reason", "attempt", "cost_usd", "prediction_id", "countdown", "status")
-SECRET_ENVS = ("ATLASCLOUD_API_KEY", "SEEDREAM_NOTIFY_URL")
+_WORKER: list[str] = []  # this process's worker name, once Celery names it (name_worker)
 
 
 @contextlib.contextmanager
@@ -68,14 +67,15 @@ def _from_task(data: Any) -> tuple[str, str] | None:
     return values[0], job
 
 
-def _secrets() -> list[str]:
-    return [v for v in (os.environ.get(k, "") for k in SECRET_ENVS) if len(v) >= 6]
+def name_worker(name: str) -> None:
+    """JSON lines name this worker from now on, so lines from many hosts can be told apart."""
+    _WORKER[:] = [name]
 
 
 class _Redacting(logging.Formatter):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, secrets: Iterable[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.secrets = _secrets()
+        self.secrets = [s for s in secrets if len(s) >= 6]  # a short value would blank out common text
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -97,7 +97,7 @@ class JsonFormatter(_Redacting):
             "message": record.getMessage(),
             "run_id": getattr(record, "run_id", None),
             "job_id": getattr(record, "job_id", None),
-            "worker": os.environ.get("SEEDREAM_WORKER_NAME") or self.host,
+            "worker": _WORKER[0] if _WORKER else self.host,
             "pid": record.process,
         }
         for name in FIELDS:
@@ -110,8 +110,8 @@ class JsonFormatter(_Redacting):
 
 
 class TextFormatter(_Redacting):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(job)s%(message)s")
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(job)s%(message)s", secrets=secrets)
 
     def format(self, record: logging.LogRecord) -> str:
         run_id, job_id = getattr(record, "run_id", None), getattr(record, "job_id", None)
@@ -119,10 +119,11 @@ class TextFormatter(_Redacting):
         return self.redact(super().format(record))
 
 
-def configure(fmt: str = "text", level: str | int = "INFO", *, stream: Any = None) -> None:
-    """The root logger writes to stderr in `fmt`; every other handler is removed."""
+def configure(fmt: str = "text", level: str | int = "INFO", *, secrets: Iterable[str] = (), stream: Any = None) -> None:
+    """The root logger writes to stderr in `fmt`, with `secrets` (the settings' API key and
+    webhook) replaced by `***`; every other handler is removed."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(secrets=secrets) if fmt == "json" else TextFormatter(secrets))
     handler.addFilter(JobFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

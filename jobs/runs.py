@@ -8,7 +8,6 @@ whose durable record has a prediction id is polled again, never resubmitted.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -45,11 +44,11 @@ from jobs.report import write_report, write_run_report
 from jobs.restore import Restore, earlier_paid, restore_as
 from jobs.results import FINGERPRINT, Plan, reuse_roots
 from jobs.s3check import checked_scan, s3_header
-from jobs.settings import environ_flag
 from jobs.storage import Storage, open_storage, stored_records
 from jobs.thumbs import input_reader
 from manifests.errors import ConfigError, SeedreamError
 from manifests.models import ModelTable, micros_to_usd
+from manifests.s3 import s3_client
 from manifests.spec import JobSpec
 from manifests.validate import Result, Validator
 
@@ -135,7 +134,7 @@ def start_run(
     catalogue = Catalogue.read(service) if service is not None else None
     prices = Prices.resolve(ModelTable.load(opts.models_file, default=opts.model), catalogue)
     schemas = Schemas(catalogue, service.schema) if catalogue is not None and service is not None else None
-    allow_internal_urls = environ_flag("allow_internal_urls")
+    allow_internal_urls = settings.resolved.flag("allow_internal_urls")
     validator = Validator(
         opts.manifest,
         prices.table,
@@ -355,7 +354,7 @@ class Runs:
 
     def report(self, run_id: str, *, presign_seconds: int | None = None) -> dict[str, Any]:
         meta = self.meta(run_id)
-        reader = input_reader(_s3_client(meta.get("s3_endpoint")))
+        reader = input_reader(_s3_client(meta.get("s3_endpoint") or self.settings.s3_endpoint))
         storage = self.storage(run_id)
         return write_run_report(self.store, storage, run_id, read_input=reader, presign_seconds=presign_seconds)
 
@@ -559,7 +558,8 @@ class Runs:
         path = manifest or Path(saved["manifest"])
         if file_sha256(path) != saved["manifest_sha256"]:
             raise ConfigError(f"{path} is not the manifest this run started with (its digest differs)")
-        table = ModelTable.load(saved.get("models_file"), default=saved.get("model"))
+        models_file = saved.get("models_file") or self.settings.resolved.text("models_file") or None
+        table = ModelTable.load(models_file, default=saved.get("model"))
         validator = Validator(
             path,
             table,
@@ -684,11 +684,7 @@ def _s3_client(endpoint: str | None) -> Callable[[], Any]:
 
     def client() -> Any:
         if not made:
-            import boto3
-            from botocore.config import Config
-
-            cfg = Config(connect_timeout=10, read_timeout=30, retries={"max_attempts": 3})
-            made.append(boto3.client("s3", endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL"), config=cfg))
+            made.append(s3_client(endpoint))
         return made[0]
 
     return client

@@ -9,35 +9,18 @@ more checks waiting than a few per thread, so memory does not grow with the mani
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from jobs.estimate import Estimate, scan
 from manifests.errors import StorageError
+from manifests.s3 import s3_client
 from manifests.validate import MAX_IMAGE_BYTES, Result, Validator
 
 THREADS = 32
 Checked = tuple[str | None, str]  # (the problem or None, the ETag or "")
 Head = Callable[[str], Checked]
-
-
-def s3_client(endpoint_url: str | None = None, threads: int = THREADS) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
-        config=Config(
-            connect_timeout=5,
-            read_timeout=30,
-            retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=threads,
-            signature_version="s3v4",
-        ),
-    )
 
 
 def header(client: Any) -> Head:
@@ -69,7 +52,7 @@ def header(client: Any) -> Head:
 
 
 def s3_header(endpoint_url: str | None = None) -> Head:
-    return header(s3_client(endpoint_url))
+    return header(s3_client(endpoint_url, pool=THREADS))
 
 
 def head_all(uris: Iterable[str], head: Head, threads: int = THREADS) -> Iterator[tuple[str, Checked]]:

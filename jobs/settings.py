@@ -1,21 +1,21 @@
 """Every setting in one table: its environment variable, its flag, its key in the TOML file.
 
 Layers, lowest first: the default, `seedream-batch.toml` (or the file SEEDREAM_CONFIG or
-`--config` names), the environment, a flag. The file and the flags are written into the
-process's environment, under each setting's variable, before anything reads it: the typed
-config objects (`WorkerSettings`, `Limits`, `AtlasConfig`, celeryconfig) are then built once
-from one place, and every worker a command starts sees the same values. `seedream-batch
-config` prints the result and where each value came from, secrets masked.
+`--config` names), the environment, a flag. `resolve` layers them once into a `Settings`
+object, which is passed down: the typed config objects (`WorkerSettings`, `Limits`,
+`AtlasConfig`, Celery's config) are built from it, and every worker a command starts is given
+its values. Only `jobs.environment` reads the process's environment. `seedream-batch config`
+prints the result and where each value came from, secrets masked.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import tomllib
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -195,51 +195,109 @@ def check(setting: Setting, value: Any, *, where: str) -> str:
     return text
 
 
-def apply(
-    environ: MutableMapping[str, str], *, config: str | None = None, flags: Mapping[str, Any] | None = None
-) -> dict[str, str]:
-    """Layer the file and the flags into `environ`; return each setting's source."""
-    sources = {s.name: ("env" if s.env in environ else "default") for s in SETTINGS}
-    path = find_file(config, environ)
+def resolve(
+    environ: Mapping[str, str],
+    *,
+    config: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    read_config: bool = True,
+) -> Settings:
+    """The layers, lowest first: default, file, `environ`, flags. Values from the file and the
+    flags are checked on the way in; the environment's are taken as they are, and refused
+    only by the setting that reads them (so `config` can still show a bad one)."""
+    values = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    sources = dict.fromkeys(values, "env")
+    path = find_file(config, environ) if read_config else None
     if path is not None:
         for env, text in read_file(path).items():
-            if env not in environ:
-                environ[env] = text
-                sources[_name_of(env)] = f"file {path}"
-    for name, value in (flags or {}).items():
-        if value is None:
-            continue
-        setting = BY_NAME[name]
-        environ[setting.env] = check(setting, value, where=setting.flag)
-        sources[name] = f"flag {setting.flag}"
-    return sources
-
-
-def apply_file(environ: MutableMapping[str, str]) -> None:
-    """For processes started without the CLI (`celery -A workers worker`): the file, under the
-    environment."""
-    apply(environ)
+            name = _name_of(env)
+            if name not in values:
+                values[name] = text
+                sources[name] = f"file {path}"
+    settings = Settings(MappingProxyType(values), MappingProxyType(sources))
+    return settings.with_flags(**(flags or {}))
 
 
 def _name_of(env: str) -> str:
     return next(s.name for s in SETTINGS if s.env == env)
 
 
-def effective(environ: Mapping[str, str], sources: Mapping[str, str]) -> list[dict[str, str]]:
-    """Every setting's value now, masked where secret, with its source."""
-    rows = []
-    for s in SETTINGS:
-        value = environ.get(s.env, s.default)
-        rows.append(
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, resolved once: what a process was given, as the environment would hold
+    it, and where each value came from. It is passed down, never re-read: a value does not
+    depend on when a module was imported, and the workers a command starts get the same values
+    (`environment()`). The typed views (`WorkerSettings`, `Limits`, `AtlasConfig`, Celery's
+    config) are built from it and refuse a bad value when they are built."""
+
+    values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # the settings given
+    sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __repr__(self) -> str:  # the key and the webhook must not reach a log line or a traceback
+        given = (f"{r['setting']}={r['value']!r}" for r in self.rows() if r["source"] != "default")
+        return f"Settings({', '.join(given)})"
+
+    def text(self, name: str) -> str:
+        """The value of setting `name` (its default when it was not given)."""
+        return self.values.get(name, BY_NAME[name].default)
+
+    def given(self, name: str) -> bool:
+        return name in self.values
+
+    def flag(self, name: str) -> bool:
+        """A bool setting; a value that means neither is refused rather than read as off."""
+        text = self.text(name).strip().lower()
+        if text not in BOOL_TEXT:
+            raise ConfigError(f"{BY_NAME[name].env} must be 1/0 or true/false, got {text!r}")
+        return BOOL_TEXT[text]
+
+    def whole(self, name: str) -> int:
+        text = self.text(name)
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{BY_NAME[name].env}={text!r} is not a whole number") from None
+
+    def number(self, name: str) -> float:
+        text = self.text(name)
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{BY_NAME[name].env}={text!r} is not a number") from None
+
+    def with_flags(self, **flags: Any) -> Settings:
+        """These settings with a command's flags on top (None: not given), checked like the
+        global flags and shown as their source."""
+        values, sources = dict(self.values), dict(self.sources)
+        for name, value in flags.items():
+            if value is None:
+                continue
+            setting = BY_NAME[name]
+            values[name] = check(setting, value, where=setting.flag)
+            sources[name] = f"flag {setting.flag}"
+        return Settings(MappingProxyType(values), MappingProxyType(sources))
+
+    def environment(self) -> dict[str, str]:
+        """The settings given, under their variables: what a worker process started from here
+        needs in its environment to resolve the same values."""
+        return {BY_NAME[name].env: text for name, text in self.values.items()}
+
+    def secrets(self) -> list[str]:
+        """The values a log line must never show."""
+        return [self.text(s.name) for s in SETTINGS if s.name in ("api_key", "notify_url") and self.text(s.name)]
+
+    def rows(self) -> list[dict[str, str]]:
+        """Every setting's value, masked where secret, with its source (`seedream-batch config`)."""
+        return [
             {
                 "setting": s.name,
-                "value": mask(s, value),
-                "source": sources.get(s.name, "env" if s.env in environ else "default"),
+                "value": mask(s, self.text(s.name)),
+                "source": self.sources.get(s.name, "default"),
                 "env": s.env,
                 "flag": s.flag,
             }
-        )
-    return rows
+            for s in SETTINGS
+        ]
 
 
 def mask(setting: Setting, value: str) -> str:
@@ -254,18 +312,3 @@ def mask(setting: Setting, value: str) -> str:
         path = "/***" if setting.name == "notify_url" and parts.path not in ("", "/") else parts.path
         return f"{parts.scheme}://{userinfo}{host}{path}"
     return "******** (set)"
-
-
-def environ_default(name: str) -> str:
-    """The value of setting `name` in this process (its default when unset)."""
-    s = BY_NAME[name]
-    return os.environ.get(s.env, s.default)
-
-
-def environ_flag(name: str) -> bool:
-    """A bool setting in this process; the environment is not checked on the way in as the file
-    and the flags are, so a value that means neither is refused here rather than read as off."""
-    text = environ_default(name).strip().lower()
-    if text not in BOOL_TEXT:
-        raise ConfigError(f"{BY_NAME[name].env} must be 1/0 or true/false, got {text!r}")
-    return BOOL_TEXT[text]

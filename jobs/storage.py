@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from manifests.errors import ConfigError, StorageError
+from manifests.s3 import s3_client
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,160}")
 
@@ -152,23 +153,10 @@ class LocalStorage(_JsonOnBytes):
 
 class S3Storage(_JsonOnBytes):
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None, client: Any = None) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client = client or boto3.client(
-            "s3",
-            endpoint_url=endpoint_url or None,
-            # SigV4 for presigned links too (botocore still signs those with V2 unless told; AWS wants V4)
-            config=Config(
-                connect_timeout=5,
-                read_timeout=30,
-                retries={"max_attempts": 3, "mode": "standard"},
-                signature_version="s3v4",
-                max_pool_connections=32,  # the results index is listed 16 shards at a time
-            ),
-        )
+        # 32 connections: the results index is listed 16 shards at a time
+        self.client = client or s3_client(endpoint_url, pool=32)
 
     def _key(self, key: str) -> str:
         key = safe_key(key)
@@ -288,7 +276,7 @@ def open_output(output: str, *, under: str = "", endpoint_url: str | None = None
         if not parts.netloc:
             raise ConfigError(f"--output {output!r}: expected s3://bucket/prefix")
         prefix = "/".join(p for p in (parts.path.strip("/"), under) if p)
-        return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+        return S3Storage(parts.netloc, prefix, endpoint_url=endpoint_url)
     if "://" in output:
         raise ConfigError(f"--output {output!r}: use s3://bucket/prefix or a local folder")
     return LocalStorage(Path(output) / under if under else Path(output))

@@ -26,6 +26,7 @@ from typing import Any
 
 from manifests.errors import StorageError
 from manifests.images import NotAnImage, inspect
+from manifests.s3 import s3_client
 from manifests.validate import KNOWN_COLUMNS, MAX_IMAGE_BYTES, MAX_PROMPT, MIN_SIDE, REPORT_COLUMNS
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -92,16 +93,13 @@ def scan_folder(root: Path, out: Path | None) -> list[Found]:
 
 def scan_s3(uri: str, endpoint: str | None) -> list[Found]:
     """Every object below s3://bucket/prefix, judged by its listing (nothing is downloaded)."""
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"{uri!r}: expected s3://bucket/prefix")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
-    client = boto3.client("s3", endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
+    client = s3_client(endpoint)
     found = []
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -86,9 +86,9 @@ class ModelTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, default: str | None = None) -> ModelTable:
-        """The built-in table, changed by the user's file when one is given or set in the env."""
+        """The built-in table, changed by the user's file when one is given (the models_file setting)."""
         models = dict(BUILTIN)
-        source = path or os.environ.get("SEEDREAM_MODELS_FILE")
+        source = path
         priced: set[str] = set()
         if source:
             models.update(_read_overrides(Path(source), models, priced))

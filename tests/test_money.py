@@ -49,15 +49,17 @@ def test_a_second_copy_of_a_message_cannot_end_a_claimed_submit_uncertain(
 
 
 def test_a_claim_that_did_not_leave_is_pending_again_in_storage_too(
-    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
     """A POST answered 429 proves nothing was created: the job is pending again, and so is its
     durable record, so a resume from storage would not call it uncertain."""
-    monkeypatch.setenv("SEEDREAM_ALLOW_INTERNAL_URLS", "1")  # the sandbox's own files are on 127.0.0.1
     with make_client(sandbox) as c:  # an input the service already has: the submit is the first call
         url = c.upload("a.png", image_bytes(), "image/png")
     sandbox.configure(faults={"rate_limited": 1.0}, fault_retry_after=1)
-    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path, image=url)
+    # the sandbox's own files are on 127.0.0.1
+    settings, run_id, folder = one_job(
+        sandbox, redis_url, prefix, tmp_path, image=url, SEEDREAM_ALLOW_INTERNAL_URLS="1"
+    )
     ctx = Context(settings)
     wait = steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
     assert wait is not None and wait > 0

@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
+from cli.inputs import inputs_options
+from cli.options import s3_endpoint_option
 from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits, WorkerSettings
-from jobs.settings import BY_NAME, SETTINGS, apply, mask
+from jobs.settings import BY_NAME, SETTINGS, Settings, mask, resolve
 from manifests.errors import ConfigError
 from tests.pipeline import EXE
 
@@ -53,9 +57,13 @@ def test_a_flag_beats_the_environment_which_beats_the_file(tmp_path: Path) -> No
 
 
 def test_the_file_reaches_a_worker_started_by_celery_itself(tmp_path: Path) -> None:
-    """`celery -A workers worker` reads no CLI flags; celeryconfig layers the file in."""
+    """`celery -A workers worker` reads no CLI flags; the app's config, derived from the settings
+    when first needed, layers the file in."""
     (tmp_path / "seedream-batch.toml").write_text('queue = "q-from-file"\nvisibility_timeout = 77\n')
-    code = "import celeryconfig as c; print(c.task_default_queue, c.broker_transport_options['visibility_timeout'])"
+    code = (
+        "from workers.celery_app import app; c = app.conf; "
+        "print(c.task_default_queue, c.broker_transport_options['visibility_timeout'])"
+    )
     env = _env(PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["q-from-file", "77"], out.stderr
@@ -88,7 +96,7 @@ def test_allow_internal_urls_is_off_unless_set(tmp_path: Path) -> None:
 
 def test_a_named_file_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
-        apply({}, config=str(tmp_path / "nope.toml"))
+        resolve({}, config=str(tmp_path / "nope.toml"))
 
 
 def test_every_setting_is_documented_and_its_default_is_the_one_in_use() -> None:
@@ -131,3 +139,47 @@ def test_the_user_agent_is_the_products_unless_set() -> None:
     assert AtlasConfig.from_env({"SEEDREAM_USER_AGENT": "my-shop/2.0"}).user_agent == "my-shop/2.0"
     with pytest.raises(ConfigError, match="one line"):
         AtlasConfig.from_env({"SEEDREAM_USER_AGENT": "a\r\nX-Injected: 1"})
+
+
+def test_the_celery_app_takes_its_config_from_the_settings_when_first_needed(tmp_path: Path) -> None:
+    """Nothing is read at import: settings installed after the app was imported still make its
+    config (as the command line does), and every value Celery needs from them arrives."""
+    code = (
+        "from workers.celery_app import app\n"
+        "from jobs.environment import install\n"
+        "from jobs.settings import resolve\n"
+        "install(resolve({'SEEDREAM_BROKER_URL': 'redis://127.0.0.1:6379/9', 'SEEDREAM_QUEUE': 'q-late',\n"
+        "    'SEEDREAM_VISIBILITY_TIMEOUT': '41', 'SEEDREAM_RESTORE_INTERVAL': '3', 'SEEDREAM_TASK_EVENTS': '1'}))\n"
+        "c = app.conf\n"
+        "print(c.broker_url, c.task_default_queue, c.broker_transport_options['visibility_timeout'],\n"
+        "      c.broker_transport_options['unacked_restore_interval'], c.worker_send_task_events)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True
+    )
+    assert out.stdout.split() == ["redis://127.0.0.1:6379/9", "q-late", "41", "3", "True"], out.stderr
+
+
+def test_an_option_with_a_setting_behind_it_defaults_to_that_setting() -> None:
+    """`--s3-endpoint`, `--inputs`, ... of a subcommand: unset, they take the resolved setting
+    (file or environment), so the file counts for them too; a flag still wins."""
+
+    @click.command()
+    @s3_endpoint_option
+    @inputs_options
+    def probe(s3_endpoint: str | None, inputs: str, inputs_bucket: str | None, allow_bulk_upload: bool) -> None:
+        click.echo(f"{s3_endpoint} {inputs} {inputs_bucket} {allow_bulk_upload}")
+
+    def shown(settings: Settings, *args: str) -> str:
+        result = CliRunner().invoke(probe, list(args), obj=settings)
+        assert result.exit_code == 0, result.output
+        return result.output.strip()
+
+    assert shown(resolve({}, read_config=False)) == "None auto None False"
+    given = resolve(
+        {"AWS_ENDPOINT_URL": "http://s3.local", "SEEDREAM_INPUTS": "presign", "SEEDREAM_ALLOW_BULK_UPLOAD": "yes"},
+        read_config=False,
+        flags={"inputs_bucket": "s3://b/p"},
+    )
+    assert shown(given) == "http://s3.local presign s3://b/p True"
+    assert shown(given, "--s3-endpoint", "http://flag", "--inputs", "upload") == "http://flag upload s3://b/p True"

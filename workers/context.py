@@ -1,4 +1,4 @@
-"""Everything a worker process needs, built once from its environment and shared by its threads."""
+"""Everything a worker process needs, built once from its settings and shared by its threads."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from jobs.budget import Budget
 from jobs.claims import Claims
 from jobs.config import WorkerSettings
 from jobs.control import RunControl
+from jobs.environment import process_settings
 from jobs.records import RunStore
 from jobs.redisio import connect
 from jobs.results import ResultsIndex
 from jobs.storage import Storage, open_output, open_storage
 from manifests.errors import StateError
+from manifests.s3 import s3_client
 from workers.atlas import AtlasClient
 from workers.polling import PollTimes
 from workers.ratelimit import RateLimiter
@@ -103,13 +105,8 @@ class Context:
 
     def s3(self) -> Any:
         with self._lock:
-            if self._s3 is None:
-                import boto3
-                from botocore.config import Config
-
-                # SigV4 for the presigned input links too (botocore signs those V2 unless told)
-                config = Config(connect_timeout=5, read_timeout=30, signature_version="s3v4")
-                self._s3 = boto3.client("s3", endpoint_url=self.settings.s3_endpoint, config=config)
+            if self._s3 is None:  # presigns the input links too, so SigV4 (manifests/s3.py)
+                self._s3 = s3_client(self.settings.s3_endpoint)
             return self._s3
 
 
@@ -118,8 +115,10 @@ _context_lock = threading.Lock()
 
 
 def get_context() -> Context:
+    """The process's context, built on first use from the settings the process runs with
+    (jobs/environment.py): those the command line installed, or resolved once here."""
     global _context
     with _context_lock:
         if _context is None:
-            _context = Context(WorkerSettings.from_env())
+            _context = Context(WorkerSettings.from_settings(process_settings()))
         return _context

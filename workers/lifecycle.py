@@ -4,12 +4,12 @@ at start, the liveness limit at stop (Celery signals)."""
 from __future__ import annotations
 
 import logging
-import os
 
 from celery.apps import worker as celery_worker
 from celery.signals import celeryd_init, setup_logging, worker_ready, worker_shutting_down
 
-from jobs.logs import configure
+from jobs.environment import process_settings
+from jobs.logs import configure, name_worker
 from workers.context import get_context
 from workers.liveness import WATCH
 from workers.metrics import serve
@@ -22,16 +22,19 @@ log = logging.getLogger("seedream.worker")
 def _logging(loglevel: object = None, **_: object) -> None:
     """Our handler instead of Celery's: text or JSON (SEEDREAM_LOG_FORMAT), run and job ids on
     every line, secrets redacted. Celery's own lines go through it too."""
-    level = os.environ.get("SEEDREAM_LOG_LEVEL") or (loglevel if isinstance(loglevel, str | int) else "INFO")
-    configure(os.environ.get("SEEDREAM_LOG_FORMAT", "text"), level)
+    settings = process_settings()
+    level = settings.text("log_level") or (loglevel if isinstance(loglevel, str | int) else "INFO")
+    configure(settings.text("log_format"), level, secrets=settings.secrets())
 
 
 @celeryd_init.connect
 def _name(sender: object = None, options: dict[str, object] | None = None, **_: object) -> None:
     """Log lines name the worker (its -n name), so lines from many hosts can be told apart. The
-    format is set here too: Celery warns (e.g. about running as root) before `setup_logging`."""
+    format is set here too: Celery warns (e.g. about running as root) before `setup_logging`.
+    The liveness limit is set here, before the consumer first starts its watch."""
     if sender:
-        os.environ["SEEDREAM_WORKER_NAME"] = str(sender)
+        name_worker(str(sender))
+    WATCH.limit = process_settings().number("liveness")  # 0 turns the watch off
     _logging((options or {}).get("loglevel"))
 
 
@@ -48,14 +51,15 @@ def _start(sender: object = None, **_: object) -> None:
     metrics when SEEDREAM_METRICS_PORT is set. With JSON logs, Celery's SIGTERM handler is put
     back without its plain-text "Warm shutdown" banner (the stop is logged, as JSON, above)."""
     controller = getattr(sender, "controller", None)
-    if controller is not None and os.environ.get("SEEDREAM_LOG_FORMAT") == "json":
+    settings = process_settings()
+    if controller is not None and settings.text("log_format") == "json":
         celery_worker.install_worker_term_handler(controller, verbose=False)
 
     ctx = get_context()
     start_thread(ctx)
-    port = int(os.environ.get("SEEDREAM_METRICS_PORT") or 0)
+    port = int(settings.text("metrics_port") or 0)
     if port:
         try:
-            serve(ctx, port, os.environ.get("SEEDREAM_METRICS_HOST") or "127.0.0.1")
+            serve(ctx, port, settings.text("metrics_host") or "127.0.0.1")
         except OSError as exc:  # a port in use must not stop the worker from working
             log.error("metrics endpoint not started on port %d: %s", port, exc)

@@ -67,7 +67,9 @@ class Watch:
         self._thread.start()
 
 
-WATCH = Watch(float(os.environ.get("SEEDREAM_LIVENESS", "60")))  # 0 turns the watch off
+# The limit is the worker's `liveness` setting, set as the worker starts (workers/lifecycle.py),
+# before the consumer's first start: nothing here is read at import.
+WATCH = Watch(60.0)
 
 
 class LivenessStep(bootsteps.StartStopStep):

@@ -11,6 +11,9 @@ import threading
 import time
 from collections.abc import Mapping
 
+from jobs.environment import process_settings, variables
+from jobs.settings import Settings, resolve
+
 log = logging.getLogger("seedream.workers")
 
 
@@ -48,13 +51,13 @@ JEMALLOC = (
 )
 
 
-def with_allocator(env: Mapping[str, str]) -> dict[str, str]:
+def with_allocator(env: Mapping[str, str], allocator: str = "jemalloc") -> dict[str, str]:
     """The environment for a worker process, with jemalloc preloaded when the system has it and
-    SEEDREAM_ALLOCATOR is not `glibc`. Under glibc's malloc two workers' RSS together creeps
+    the `allocator` setting is not `glibc`. Under glibc's malloc two workers' RSS together creeps
     up by about 0.4 KB per job they run and is not given back (their threads fragment glibc's
     arenas); under jemalloc it stays flat (docs/BENCHMARKS.md)."""
     out = dict(env)
-    if out.get("SEEDREAM_ALLOCATOR", "jemalloc") == "glibc":
+    if allocator == "glibc":
         return out
     lib = next((p for p in JEMALLOC if os.path.exists(p)), None)
     if lib and lib not in out.get("LD_PRELOAD", ""):
@@ -72,7 +75,11 @@ def worker_command(
 
 class LocalWorkers:
     """N worker processes; with `restart`, one that exits unasked is started again (crash-only:
-    see workers/liveness.py), after a pause that grows while it keeps dying at once."""
+    see workers/liveness.py), after a pause that grows while it keeps dying at once.
+
+    Each is given this process's settings in its environment (`settings`, else those of `env`,
+    else the process's own), so it resolves the very values the command resolved, its flags and
+    file included; `env` is the rest of the environment it starts from (PATH, credentials)."""
 
     def __init__(
         self,
@@ -80,6 +87,7 @@ class LocalWorkers:
         *,
         concurrency: int,
         queue: str,
+        settings: Settings | None = None,
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
         loglevel: str = "WARNING",
@@ -87,7 +95,10 @@ class LocalWorkers:
         name: str = "",
     ) -> None:
         self.count, self.concurrency, self.queue, self.loglevel = count, concurrency, queue, loglevel
-        self.env = dict(os.environ if env is None else env)
+        if settings is None:
+            settings = process_settings() if env is None else resolve(env, read_config=False)
+        self.settings = settings
+        self.env = {**(variables() if env is None else env), **settings.environment()}
         self.log_path = log_path
         self.restart = restart
         self.name = name
@@ -103,10 +114,10 @@ class LocalWorkers:
             queue=self.queue,
             name=f"{self.name}-{i}@%h" if self.name else f"seedream-{os.getpid()}-{id(self) % 100000}-{i}@%h",
             loglevel=self.loglevel,
-            quiet=self.env.get("SEEDREAM_LOG_FORMAT") == "json",
+            quiet=self.settings.text("log_format") == "json",
         )
-        env = with_allocator(self.env)
-        base = int(env.get("SEEDREAM_METRICS_PORT") or 0)
+        env = with_allocator(self.env, self.settings.text("allocator"))
+        base = int(self.settings.text("metrics_port") or 0)
         if base:  # one port each: SEEDREAM_METRICS_PORT, +1, +2, ...
             env["SEEDREAM_METRICS_PORT"] = str(base + i)
         if not self.log_path:

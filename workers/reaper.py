@@ -11,11 +11,11 @@ submits twice.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
 
+from jobs.config import WorkerSettings
 from jobs.keys import reaper_lock
 from manifests.errors import StateError
 from workers.context import Context
@@ -24,16 +24,14 @@ from workers.dispatch import admit, queue_for, send_job
 log = logging.getLogger("seedream.reaper")
 
 
-def grace_seconds() -> float:
+def grace_seconds(settings: WorkerSettings) -> float:
     """Longer than the broker's own redelivery (visibility timeout plus its restore sweeps)."""
-    vt = float(os.environ.get("SEEDREAM_VISIBILITY_TIMEOUT", "300"))
-    sweep = float(os.environ.get("SEEDREAM_RESTORE_INTERVAL", "5"))
-    return vt + 3 * sweep + 15.0
+    return settings.visibility_timeout + 3 * settings.restore_interval + 15.0
 
 
 def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None) -> int:
     """Re-drive overdue jobs of every active run; return how many."""
-    grace = grace_seconds() if grace is None else grace
+    grace = grace_seconds(ctx.settings) if grace is None else grace
     now = time.time() if now is None else now
     lock = reaper_lock(ctx.settings.prefix)
     if not ctx.redis.set(lock, uuid.uuid4().hex, nx=True, ex=int(max(10, grace))):
@@ -66,7 +64,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
 
 
 def start_thread(ctx: Context, interval: float | None = None) -> threading.Thread:
-    every = interval if interval is not None else max(2.0, min(30.0, grace_seconds() / 4))
+    every = interval if interval is not None else max(2.0, min(30.0, grace_seconds(ctx.settings) / 4))
 
     def loop() -> None:
         while True:

@@ -9,7 +9,6 @@ ended starts the next job let into the run's window itself (see INLINE_JOBS).
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -26,9 +25,6 @@ from workers.dispatch import FINALIZE_TASK, JOB_TASK, NOTIFY_TASK, admit, publis
 from workers.steps import STALE, drive
 
 log = logging.getLogger("seedream.tasks")
-# A step (HTTP calls with timeouts, bounded retries) ends well within this; past it, the watchdog
-# may take the job over.
-STEP_LEASE = float(os.environ.get("SEEDREAM_STEP_LEASE", "180"))
 
 
 # When a job ends or is submitted, the message that did it goes on to start the next job let in,
@@ -74,7 +70,7 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
     with job_context(run_id, job_id):
         submitted = False
         try:
-            outcome = drive(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
+            outcome = drive(ctx, run_id, job_id, token, due_at=time.time() + ctx.settings.step_lease)
             countdown, submitted = outcome.countdown, outcome.submitted
         except StateError:
             raise  # the caller knows which message to retry
@@ -125,7 +121,7 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
 
 def _notify_url(ctx: Context, run_id: str) -> str:
     """The run's own webhook (run --notify), else this worker's SEEDREAM_NOTIFY_URL."""
-    return str(ctx.meta(run_id).get("notify_url") or os.environ.get("SEEDREAM_NOTIFY_URL") or "")
+    return str(ctx.meta(run_id).get("notify_url") or ctx.settings.notify_url or "")
 
 
 @app.task(name=NOTIFY_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -133,7 +129,7 @@ def notify_run(self, run_id: str, summary: dict[str, Any]) -> None:  # type: ign
     """POST the summary to the run's webhook, a few times with growing pauses; whatever the
     webhook does, the run's result stands (the outcome is kept in the run's `notified`)."""
     ctx = get_context()
-    attempts = max(1, int(os.environ.get("SEEDREAM_NOTIFY_ATTEMPTS") or 5))
+    attempts = ctx.settings.notify_attempts
     tried = self.request.retries + 1
     extra = {"run_id": run_id, "event": "notify", "attempt": tried}
     try:
