@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, cast
 
 import redis
@@ -24,11 +25,32 @@ import redis
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 from manifests.spec import ImageRef, JobSpec
 
-PENDING, SUBMITTING, SUBMITTED, FETCHING = "pending", "submitting", "submitted", "fetching"
-SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = "succeeded", "failed", "skipped", "uncertain"
-OVERDUE = "overdue"
-FINAL = (SUCCEEDED, FAILED, SKIPPED, UNCERTAIN, OVERDUE)
-STATES = (PENDING, SUBMITTING, SUBMITTED, FETCHING, *FINAL)
+
+class JobState(StrEnum):
+    """A job's state. A `StrEnum`, so what Redis, the Lua scripts, the durable records and the
+    reports hold stays the plain lowercase word, and a state read back compares equal to it."""
+
+    PENDING = "pending"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    FETCHING = "fetching"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNCERTAIN = "uncertain"
+    OVERDUE = "overdue"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+# The short names stay importable: most modules speak of one or two states, not of the type.
+PENDING, SUBMITTING, SUBMITTED, FETCHING = JobState.PENDING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.FETCHING
+SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED, JobState.UNCERTAIN
+OVERDUE = JobState.OVERDUE
+STATES = tuple(JobState)
+FINAL = STATES[STATES.index(SUCCEEDED) :]  # every state from `succeeded` on ends the job
 
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -138,7 +160,7 @@ return 1
 class JobRecord:
     run_id: str
     id: str
-    state: str
+    state: JobState
     spec: JobSpec
     token: str = ""
     prediction_id: str = ""
@@ -386,7 +408,7 @@ class RunStore:
         specs: Iterable[JobSpec],
         token: str,
         *,
-        state: str = PENDING,
+        state: JobState = PENDING,
         waiting: bool = True,
         look: Callable[[str], bool] | None = None,
     ) -> list[str]:
@@ -459,7 +481,15 @@ class RunStore:
 
     @translated
     def transition(
-        self, run_id: str, job_id: str, expect: str, to: str, *, bump: str = "", count: str = "", **fields: Any
+        self,
+        run_id: str,
+        job_id: str,
+        expect: JobState,
+        to: JobState,
+        *,
+        bump: str = "",
+        count: str = "",
+        **fields: Any,
     ) -> str:
         """'ok' when the job went from `expect` to `to`; otherwise the state it is really in.
         With the move (and only then) the run's counter `bump` and the job's field `count` go up by
@@ -492,7 +522,9 @@ class RunStore:
         return int(pipe.execute()[-1] or 0)  # jobs of the run finished so far
 
     @translated
-    def holds(self, run_id: str, job_id: str, state: str, token: str, *, flag: str = "") -> tuple[bool, str | None]:
+    def holds(
+        self, run_id: str, job_id: str, state: JobState, token: str, *, flag: str = ""
+    ) -> tuple[bool, str | None]:
         """Whether the job is still in `state` and driven by the message holding `token`, and the
         value of the key `flag` (a run's halt reason), in one round trip: this check sits between
         a rate-limited send time and the send, where every wait adds jitter."""
@@ -541,7 +573,14 @@ class RunStore:
 
     @translated
     def reopen(
-        self, run_id: str, job_id: str, from_state: str, to_state: str, token: str, *, paid_again: bool = False
+        self,
+        run_id: str,
+        job_id: str,
+        from_state: JobState,
+        to_state: JobState,
+        token: str,
+        *,
+        paid_again: bool = False,
     ) -> bool:
         """Take a final job back (retry-failed, resume, reconcile), undoing its counters; with
         `paid_again` its cost stays counted, as an earlier attempt's."""
@@ -592,7 +631,7 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
     return JobRecord(
         run_id=run_id,
         id=job_id,
-        state=raw.get("state", PENDING),
+        state=JobState(raw.get("state") or PENDING),
         spec=spec_from_json(raw["spec"]),
         token=raw.get("token", ""),
         prediction_id=raw.get("prediction_id", ""),

@@ -31,6 +31,7 @@ from jobs.records import (
     SUCCEEDED,
     UNCERTAIN,
     JobRecord,
+    JobState,
 )
 from jobs.results import Entry, find, new_entry
 from jobs.retry import backoff
@@ -136,7 +137,7 @@ def send_settle(ctx: Context) -> float:
     return t.connect + t.write + t.read + ctx.settings.id_hold + 5.0
 
 
-def _move(ctx: Context, rec: JobRecord, expect: str, to: str, **fields: Any) -> str:
+def _move(ctx: Context, rec: JobRecord, expect: JobState, to: JobState, **fields: Any) -> str:
     """A transition (see RunStore.transition), logged and counted when it is made."""
     moved = ctx.runs.transition(rec.run_id, rec.id, expect, to, **fields)
     if moved == "ok":
@@ -155,8 +156,8 @@ def _end(
     ctx: Context,
     meta: dict[str, Any],
     rec: JobRecord,
-    expect: str,
-    to: str,
+    expect: JobState,
+    to: JobState,
     *,
     error: str = "",
     reason: str = "",
@@ -187,7 +188,7 @@ def _end(
     return NEXT  # the loop in `advance` reads the state the job is really in
 
 
-def _end_claim(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: str) -> None:
+def _end_claim(ctx: Context, meta: dict[str, Any], rec: JobRecord, state: JobState) -> None:
     if meta.get("reuse") and rec.spec.fingerprint:
         holder = f"{rec.run_id}:{rec.id}"
         ctx.claims.end(meta["reuse_claims"], rec.spec.fingerprint, holder, succeeded=state == SUCCEEDED)
@@ -202,7 +203,7 @@ def _settle(ctx: Context, meta: dict[str, Any], rec: JobRecord, cost: int) -> No
         budget.release(entry(rec))
 
 
-def _uncertain(ctx: Context, meta: dict[str, Any], rec: JobRecord, expect: str, **why: str) -> float:
+def _uncertain(ctx: Context, meta: dict[str, Any], rec: JobRecord, expect: JobState, **why: str) -> float:
     """The POST left and nothing proves what happened: it may have been billed, so it is counted
     at its reservation, never resubmitted."""
     return _end(ctx, meta, rec, expect, UNCERTAIN, cost=reservation(meta, rec), **why)
