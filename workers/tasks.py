@@ -23,7 +23,8 @@ from workers import notify
 from workers.celery_app import app
 from workers.context import Context, get_context
 from workers.dispatch import FINALIZE_TASK, JOB_TASK, NOTIFY_TASK, admit, publish, queue_for, send_job, send_notify
-from workers.steps import STALE, drive
+from workers.steps import drive
+from workers.turn import Done, Next, Stale, StepResult, Wait
 
 log = logging.getLogger("seedream.tasks")
 # A step (HTTP calls with timeouts, bounded retries) ends well within this; past it, the watchdog
@@ -73,9 +74,10 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
     just submitted, the (job, token, state) of a job let in after it, for the caller to start."""
     with job_context(run_id, job_id):
         submitted = False
+        result: StepResult
         try:
             outcome = drive(ctx, run_id, job_id, token, due_at=time.time() + STEP_LEASE)
-            countdown, submitted = outcome.countdown, outcome.submitted
+            result, submitted = outcome.result, outcome.submitted
         except StateError:
             raise  # the caller knows which message to retry
         except Exception:
@@ -83,26 +85,35 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
             n = ctx.runs.incr(run_id, job_id, "crashes")
             if n > 20:
                 return None
-            countdown = min(60.0, 2.0**n)
-        if countdown == STALE:
-            return None  # another message drives this job
-        if countdown is None:
-            return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
-        new = uuid.uuid4().hex
-        wait = max(0.0, countdown)
-        if wait > ctx.settings.longest_countdown:  # the broker cannot hold it: the job sleeps in Redis
-            ctx.runs.update(run_id, job_id, wake_at=repr(time.time() + wait))
-            wait = ctx.settings.longest_countdown
-        state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
-        if state is not None:
-            queue = queue_for(ctx.meta(run_id), state)
-            send_job(run_id, job_id, new, countdown=wait, queue=queue)
-            ctx.runs.commit_token(run_id, job_id, token, new)
-            log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
-                      extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
+            result = Wait(min(60.0, 2.0**n))
+        match result:
+            case Stale():
+                return None  # another message drives this job
+            case Done():
+                return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
+            case Wait(seconds):
+                _hand_on(ctx, run_id, job_id, token, seconds)
+            case Next():
+                _hand_on(ctx, run_id, job_id, token, 0.0)
     if submitted:  # its place in the ready part is free: the next job goes on in this thread
         return admit(ctx, run_id, keep_one=True)
     return None
+
+
+def _hand_on(ctx: Context, run_id: str, job_id: str, token: str, countdown: float) -> None:
+    """Publish the job's next message, due in `countdown` seconds, under a new token."""
+    new = uuid.uuid4().hex
+    wait = max(0.0, countdown)
+    if wait > ctx.settings.longest_countdown:  # the broker cannot hold it: the job sleeps in Redis
+        ctx.runs.update(run_id, job_id, wake_at=repr(time.time() + wait))
+        wait = ctx.settings.longest_countdown
+    state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
+    if state is not None:
+        queue = queue_for(ctx.meta(run_id), state)
+        send_job(run_id, job_id, new, countdown=wait, queue=queue)
+        ctx.runs.commit_token(run_id, job_id, token, new)
+        log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
+                  extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
 
 
 @app.task(name=FINALIZE_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
