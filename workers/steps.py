@@ -249,7 +249,7 @@ def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
         except StorageError as exc:  # written again when the job ends
             log.warning("record of %s not stored (%s)", rec.id, exc)
             if n + 1 < tries:
-                time.sleep(min(2.0, 0.2 * 2**n))
+                time.sleep(backoff(n + 1, 0.2, 2.0))
     return False
 
 

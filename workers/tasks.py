@@ -17,6 +17,7 @@ from typing import Any
 from jobs.logs import job_context
 from jobs.records import PENDING
 from jobs.report import write_run_report
+from jobs.retry import backoff
 from jobs.thumbs import input_reader
 from manifests.errors import NotifyError, StateError, StorageError
 from workers import notify
@@ -85,7 +86,7 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
             n = ctx.runs.incr(run_id, job_id, "crashes")
             if n > 20:
                 return None
-            result = Wait(min(60.0, 2.0**n))
+            result = Wait(backoff(n, 2.0, 60.0))
         match result:
             case Stale():
                 return None  # another message drives this job
@@ -152,7 +153,7 @@ def notify_run(self, run_id: str, summary: dict[str, Any]) -> None:  # type: ign
     except NotifyError as exc:
         if tried < attempts:
             log.warning("run %s: webhook not told (%s); try %d of %d", run_id, exc, tried, attempts, extra=extra)
-            raise self.retry(countdown=min(60.0, 2.0 ** (tried - 1))) from None
+            raise self.retry(countdown=backoff(tried, 1.0, 60.0)) from None
         log.error("run %s: webhook not told after %d tries (%s); the run is unaffected", run_id, tried, exc,
                   extra=extra)  # fmt: skip
         ctx.runs.set_run(run_id, notified=f"failed after {tried} tries: {exc}")
