@@ -249,6 +249,115 @@ class JobRecord:
         }
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as its Redis hash holds it: the settings it started with (the same in run.json) and
+    what is set as it ends. The hash keeps one JSON value per field, as `create_run` and `set_run`
+    write them; every field has a default because runs started by earlier versions, or made by
+    hand in tests, lack some, and such a run must still be read."""
+
+    run_id: str = ""
+    output: str = ""
+    api_base: str = ""
+    budget_scope: str = ""
+    total: int | None = None  # None: only the hash's creation mark is there, not the run
+    manifest: str = ""
+    manifest_sha256: str = ""
+    format: str | None = None
+    model: str | None = None
+    models_file: str | None = None
+    allow_internal_urls: bool = False
+    prices: Mapping[str, int] = field(default_factory=dict)  # list prices, for a prediction without one
+    price_sources: Mapping[str, str] = field(default_factory=dict)
+    prices_read_at: str | None = None
+    metadata_columns: tuple[str, ...] = ()
+    queue: str | None = None
+    fetch_queue: str | None = None  # set only when it differs from `queue`
+    notify_url: str = ""
+    window: int = 0  # 0: the window follows the in-flight slots
+    ready: int = 0  # 0: the worker's own setting
+    s3_endpoint: str | None = None
+    inputs_mode: str = "upload"  # a run from before the modes uploads, as it began
+    inputs_stage: str = ""
+    reuse: bool = False
+    reuse_roots: tuple[str, ...] = ()  # the run's own output first
+    reuse_claims: str = ""
+    created_at: float | None = None
+    skipped_invalid_rows: int = 0
+    enqueued: int = 0
+    report_written: bool = False
+    notified: str = ""
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunRecord:
+        """From decoded values (the hash's JSON, or run.json); keys this version does not know are
+        left out, a missing or null one takes its default."""
+
+        def get(name: str) -> Any:
+            return values.get(name)
+
+        def text(name: str, default: str = "") -> str:
+            value = get(name)
+            return default if value is None else str(value)
+
+        def maybe(name: str) -> str | None:
+            value = get(name)
+            return None if value is None else str(value)
+
+        def whole(name: str) -> int:
+            return int(get(name) or 0)
+
+        created = get("created_at")
+        return cls(
+            run_id=text("run_id"),
+            output=text("output"),
+            api_base=text("api_base"),
+            budget_scope=text("budget_scope"),
+            total=int(get("total") or 0) if "total" in values else None,
+            manifest=text("manifest"),
+            manifest_sha256=text("manifest_sha256"),
+            format=maybe("format"),
+            model=maybe("model"),
+            models_file=maybe("models_file"),
+            allow_internal_urls=bool(get("allow_internal_urls")),
+            prices={str(k): int(v) for k, v in (get("prices") or {}).items()},
+            price_sources={str(k): str(v) for k, v in (get("price_sources") or {}).items()},
+            prices_read_at=maybe("prices_read_at"),
+            metadata_columns=tuple(str(c) for c in get("metadata_columns") or ()),
+            queue=maybe("queue"),
+            fetch_queue=maybe("fetch_queue"),
+            notify_url=text("notify_url"),
+            window=whole("window"),
+            ready=whole("ready"),
+            s3_endpoint=maybe("s3_endpoint"),
+            inputs_mode=text("inputs_mode", "upload"),
+            inputs_stage=text("inputs_stage"),
+            reuse=bool(get("reuse")),
+            reuse_roots=tuple(str(r) for r in get("reuse_roots") or ()),
+            reuse_claims=text("reuse_claims"),
+            created_at=float(created) if created not in (None, "") else None,
+            skipped_invalid_rows=whole("skipped_invalid_rows"),
+            enqueued=whole("enqueued"),
+            report_written=bool(get("report_written")),
+            notified=text("notified"),
+        )
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[str, str]) -> RunRecord:
+        """From the hash as HGETALL returns it: each value JSON, or (`created_at`, first set by
+        HSETNX) a bare number."""
+        values: dict[str, Any] = {}
+        for k, v in raw.items():
+            try:
+                values[k] = json.loads(v)
+            except ValueError:
+                values[k] = v
+        return cls.from_values(values)
+
+    def list_price(self, model: str) -> int:
+        return int(self.prices[model])
+
+
 def spec_to_json(spec: JobSpec) -> str:
     return json.dumps(
         {
@@ -377,17 +486,9 @@ class RunStore:
         return bool(created)
 
     @translated
-    def run_meta(self, run_id: str) -> dict[str, Any] | None:
+    def run_meta(self, run_id: str) -> RunRecord | None:
         raw = cast(dict[str, str], self.client.hgetall(self.run_key(run_id)))
-        if not raw:
-            return None
-        out: dict[str, Any] = {}
-        for k, v in raw.items():
-            try:
-                out[k] = json.loads(v)
-            except ValueError:
-                out[k] = v
-        return out
+        return RunRecord.from_redis(raw) if raw else None
 
     @translated
     def set_run(self, run_id: str, **fields: Any) -> None:

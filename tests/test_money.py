@@ -43,7 +43,7 @@ def test_a_second_copy_of_a_message_cannot_end_a_claimed_submit_uncertain(
     job = b.runs.get(run_id, "sku-1")
     assert job is not None and job.state == SUBMITTED and job.prediction_id, job
     assert isinstance(b_wait, Wait) and b_wait.seconds > 0
-    budget_key = a.budget(a.meta(run_id)["budget_scope"]).keys[0]
+    budget_key = a.budget(a.meta(run_id).budget_scope).keys[0]
     assert a.runs.mark_posted(run_id, "sku-1", "0", a.control.key(run_id), budget_key) == "lost"  # A never sends
     assert sandbox.accounting()["created"] == 1
     assert stored_record(folder)["prediction_id"] == job.prediction_id
@@ -94,7 +94,7 @@ def test_a_worker_that_dies_while_waiting_for_its_send_time_leaves_the_job_pendi
 
 
 def _stop_redis_after_the_post(ctx: Context, run_id: str, server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = ctx.client(ctx.meta(run_id)["api_base"])
+    client = ctx.client(ctx.meta(run_id).api_base)
     ctx.storage(run_id)  # opened while Redis answers
     real_submit = client.submit
 

@@ -76,7 +76,7 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
     finalized: list[str] = []
     monkeypatch.setattr(dispatch, "send_finalize", lambda run_id, queue: finalized.append(run_id))
     monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)  # B comes after the sender's time-outs
-    client = a.client(a.meta(run_id)["api_base"])
+    client = a.client(a.meta(run_id).api_base)
     real_submit = client.submit
 
     def submit_then_freeze(*args: object, **kwargs: object) -> object:
@@ -166,7 +166,7 @@ def test_a_stale_message_ending_a_job_never_releases_the_reservation_of_the_subm
 
     monkeypatch.setattr(a.control, "halted", halted_after_a_takeover)
     assert steps.advance(a, run1, "sku-1", t1, due_at=0.0) == Stale()
-    budget = a.budget(a.meta(run1)["budget_scope"])
+    budget = a.budget(a.meta(run1).budget_scope)
     held = budget.state()
     c = Context(settings)  # type: ignore[arg-type]
     steps.advance(c, run2, "sku-1", c.runs.get(run2, "sku-1").token, due_at=0.0)  # type: ignore[union-attr]

@@ -41,7 +41,7 @@ def test_a_copy_of_the_message_meanwhile_neither_sends_twice_nor_ends_it_uncerta
         real_sleep = steps.time.sleep
         monkeypatch.setattr(steps.time, "sleep", lambda s: (other_worker_runs_it(), real_sleep(min(s, 0.01))))
     else:
-        client = a.client(a.meta(run_id)["api_base"])
+        client = a.client(a.meta(run_id).api_base)
         real_submit = client.submit
 
         def submit(*args: Any, **kwargs: Any) -> Any:

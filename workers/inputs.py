@@ -38,9 +38,9 @@ class InputFailed:
 def prepare_inputs(t: Turn) -> list[str] | Wait | InputFailed:
     """Each input as a URL or an `s3://` URI to presign at submit time (staging or uploading
     local files first); a wait when the job must come back, or why it cannot run."""
-    ctx, meta, rec = t.ctx, t.run, t.job
-    presign = meta.get("inputs_mode", "upload") != "upload"  # a run started before: as it began
-    stage = str(meta.get("inputs_stage") or "") if presign else ""
+    ctx, run, rec = t.ctx, t.run, t.job
+    presign = run.inputs_mode != "upload"  # a run started before: as it began
+    stage = run.inputs_stage if presign else ""
     urls: list[str] = []
     for ref in rec.spec.images:
         if ref.kind == "url" or (ref.kind == "s3" and presign):
@@ -79,7 +79,7 @@ def prepare_inputs(t: Turn) -> list[str] | Wait | InputFailed:
             except NotAnImage as exc:
                 ctx.uploads.release(rec.run_id, sha)
                 return InputFailed(f"input {ref.value} is not an image: {exc}", "input")
-            url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
+            url = ctx.client(run.api_base).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
         except RateLimited as exc:
             ctx.uploads.release(rec.run_id, sha)
             ctx.limiter.cool_down("upload", exc.retry_after)

@@ -31,6 +31,7 @@ from jobs.records import (
     UNCERTAIN,
     JobRecord,
     JobState,
+    RunRecord,
 )
 from jobs.results import Entry, find, new_entry
 from jobs.retry import backoff
@@ -104,12 +105,8 @@ def drive(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _list_price(meta: dict[str, Any], rec: JobRecord) -> int:
-    return int(meta["prices"][rec.spec.model])
-
-
-def reservation(meta: dict[str, Any], rec: JobRecord) -> int:
-    return worst_case(_list_price(meta, rec), rec.spec.params)
+def reservation(run: RunRecord, rec: JobRecord) -> int:
+    return worst_case(run.list_price(rec.spec.model), rec.spec.params)
 
 
 def entry(rec: JobRecord) -> str:
@@ -185,13 +182,13 @@ def _end(
 
 
 def _end_claim(t: Turn, state: JobState) -> None:
-    if t.run.get("reuse") and t.job.spec.fingerprint:
-        t.ctx.claims.end(t.run["reuse_claims"], t.job.spec.fingerprint, t.holder, succeeded=state == SUCCEEDED)
+    if t.run.reuse and t.job.spec.fingerprint:
+        t.ctx.claims.end(t.run.reuse_claims, t.job.spec.fingerprint, t.holder, succeeded=state == SUCCEEDED)
 
 
 def _settle(t: Turn, cost: int) -> None:
     """The ledger entry of the job's attempt at its final cost (idempotent)."""
-    budget = t.ctx.budget(t.run["budget_scope"])
+    budget = t.ctx.budget(t.run.budget_scope)
     if cost:
         budget.settle(entry(t.job), cost)
     else:
@@ -260,7 +257,7 @@ def _reuse(t: Turn) -> StepResult | None:
     """Take the claim on the job's edit (jobs/claims.py) and, where the edit may be stored, copy
     its outputs: the job then succeeds at no cost, nothing reserved, no slot or send taken. A
     countdown while another job makes the same edit or storage fails; None: this job pays for it."""
-    root, fp, me = t.run["reuse_claims"], t.job.spec.fingerprint, t.holder
+    root, fp, me = t.run.reuse_claims, t.job.spec.fingerprint, t.holder
     got = t.ctx.claims.take(root, fp, me)
     if got == HELD:
         holder = t.ctx.claims.holder(root, fp)
@@ -326,8 +323,8 @@ def _holder_gone(ctx: Context, holder: str) -> bool:
 
 
 def _renew_claim(t: Turn) -> None:
-    if t.run.get("reuse") and t.job.spec.fingerprint:
-        t.ctx.claims.take(t.run["reuse_claims"], t.job.spec.fingerprint, t.holder)
+    if t.run.reuse and t.job.spec.fingerprint:
+        t.ctx.claims.take(t.run.reuse_claims, t.job.spec.fingerprint, t.holder)
 
 
 # -- pending: prepare, reserve, take a slot and a send time, claim, POST once ---------------
@@ -338,7 +335,7 @@ def _pending(t: Turn) -> StepResult:
     halted = t.ctx.control.halted(run_id)
     if halted:
         return _end(t, PENDING, SKIPPED, reason=halted)
-    if t.run.get("reuse") and t.job.spec.fingerprint:
+    if t.run.reuse and t.job.spec.fingerprint:
         reused = _reuse(t)
         if reused is not None:
             return reused
@@ -350,7 +347,7 @@ def _pending(t: Turn) -> StepResult:
             return urls
         t.ctx.runs.update(run_id, t.job.id, input_urls=urls)
         t.job.input_urls = urls
-    budget = t.ctx.budget(t.run["budget_scope"])
+    budget = t.ctx.budget(t.run.budget_scope)
     if not budget.reserve(entry(t.job), reservation(t.run, t.job)):
         return _end(t, PENDING, SKIPPED, reason="budget", error=budget.state().stopped or "")
     wait = t.ctx.slots.acquire(key)
@@ -385,7 +382,7 @@ def _pending(t: Turn) -> StepResult:
     params: dict[str, Any] = {"prompt": t.job.spec.prompt, "images": links, **t.job.spec.params}
     if t.job.spec.size:
         params["size"] = t.job.spec.size
-    client = t.ctx.client(t.run["api_base"])
+    client = t.ctx.client(t.run.api_base)
     # Durable before the POST: a run resumed from storage never resubmits a job whose record says
     # `submitting`. It is written just before the last check, so that only the send itself stands
     # between the check that marks the POST as leaving and the POST, and nothing but these two
@@ -507,7 +504,7 @@ def _adopt(t: Turn, state: str) -> StepResult:
         return Stale()
     if not t.ctx.runs.reopen(run_id, t.job.id, UNCERTAIN, SUBMITTED, t.job.token):
         return Stale()
-    t.ctx.budget(t.run["budget_scope"]).unsettle(entry(t.job))
+    t.ctx.budget(t.run.budget_scope).unsettle(entry(t.job))
     t.ctx.runs.update(run_id, t.job.id, prediction_id=t.job.prediction_id, submitted_at=repr(t.job.submitted_at),
                     record_written="0")  # fmt: skip
     t.ctx.runs.bump(run_id, "submitted")
@@ -569,7 +566,7 @@ def _submitted(t: Turn) -> StepResult:
     events.polled()
     elapsed = time.time() - (t.job.submitted_at or time.time())
     try:
-        pred = t.ctx.client(t.run["api_base"]).get_prediction(t.job.prediction_id)
+        pred = t.ctx.client(t.run.api_base).get_prediction(t.job.prediction_id)
     except RateLimited as exc:
         t.ctx.limiter.cool_down("poll", exc.retry_after)
         events.rate_limited(t.job, "poll", exc.retry_after)
@@ -599,13 +596,13 @@ def _submitted(t: Turn) -> StepResult:
     if pred.state is State.FAILED:
         error = pred.error or f"the prediction ended '{pred.status}'"
         return _end(t, SUBMITTED, FAILED, error=error, reason=pred.status or "failed")
-    price = pred.price_micros if pred.price_micros is not None else _list_price(t.run, t.job)
+    price = pred.price_micros if pred.price_micros is not None else t.run.list_price(t.job.spec.model)
     if not pred.outputs:
         return _end(t, SUBMITTED, FAILED, error="completed without outputs", reason="no_outputs", cost=price)
     t.ctx.slots.release(t.holder)
     _move(t, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), nsfw=list(pred.nsfw), price_micros=str(price))
     # With a fetch queue of its own (hosts near the bucket) the download goes there, now.
-    return Wait(0.0) if t.run.get("fetch_queue") and t.run["fetch_queue"] != t.run.get("queue") else Next()
+    return Wait(0.0) if t.run.fetch_queue and t.run.fetch_queue != t.run.queue else Next()
 
 
 # -- fetching: stream each output, check it, store it -----------------------------------------
@@ -618,9 +615,9 @@ def _output_lost(t: Turn, error: str, reason: str, price: int, outputs: list[str
 
 def _fetching(t: Turn) -> StepResult:
     run_id = t.job.run_id
-    price = t.job.price_micros if t.job.price_micros is not None else _list_price(t.run, t.job)
+    price = t.job.price_micros if t.job.price_micros is not None else t.run.list_price(t.job.spec.model)
     outputs = list(t.job.outputs)
-    client = t.ctx.client(t.run["api_base"])
+    client = t.ctx.client(t.run.api_base)
     storage = t.ctx.storage(run_id)
     _renew_claim(t)
     for n, url in enumerate(t.job.service_outputs):
@@ -659,7 +656,7 @@ def _fetching(t: Turn) -> StepResult:
         outputs.append(uri)
         if len(outputs) < len(t.job.service_outputs):  # the last one is written with the final state
             t.ctx.runs.update(run_id, t.job.id, outputs=outputs)
-    if t.job.spec.fingerprint and t.run.get("reuse_roots"):  # every output is stored: later rows may reuse them
+    if t.job.spec.fingerprint and t.run.reuse_roots:  # every output is stored: later rows may reuse them
         entry = new_entry(
             t.job.spec.fingerprint, run_id, t.job.id, t.job.prediction_id, t.job.spec.model, outputs, price
         )

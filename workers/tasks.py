@@ -132,12 +132,12 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
              extra={"run_id": run_id, "event": "run_finished", "status": summary["outcome"],
                     "cost_usd": summary["total_cost_usd"]})  # fmt: skip
     if _notify_url(ctx, run_id):
-        send_notify(run_id, summary, ctx.meta(run_id).get("queue") or None)
+        send_notify(run_id, summary, ctx.meta(run_id).queue or None)
 
 
 def _notify_url(ctx: Context, run_id: str) -> str:
     """The run's own webhook (run --notify), else this worker's SEEDREAM_NOTIFY_URL."""
-    return str(ctx.meta(run_id).get("notify_url") or os.environ.get("SEEDREAM_NOTIFY_URL") or "")
+    return ctx.meta(run_id).notify_url or os.environ.get("SEEDREAM_NOTIFY_URL") or ""
 
 
 @app.task(name=NOTIFY_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)

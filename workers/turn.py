@@ -9,9 +9,8 @@ cannot be mistaken for one another, and the task must say what it does with each
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from jobs.records import JobRecord
+from jobs.records import JobRecord, RunRecord
 from workers.context import Context
 
 
@@ -49,7 +48,7 @@ class Turn:
     job record is the one this message read; steps update it as they move the job."""
 
     ctx: Context
-    run: dict[str, Any]
+    run: RunRecord
     job: JobRecord
 
     @property
