@@ -163,7 +163,7 @@ class Project:
             "rss_mb_at": rss,
         }
         report_deadline = time.monotonic() + 120  # the workers write the report last: let them finish
-        while not runs.meta(run_id).get("report_written") and time.monotonic() < report_deadline:
+        while not runs.meta(run_id).report_written and time.monotonic() < report_deadline:
             time.sleep(0.1)
         result["cpu_report_s"] = sum(proc_cpu(pid) - c for pid, c in cpu0.items()) - worker_cpu
         if key_bytes:  # what the run left in Redis, key by key (used_memory moves with the allocator)

@@ -32,8 +32,10 @@ def _queue() -> str:
 
 def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     """Lets a run's waiting jobs into the task queue, up to its window, from this process."""
+    from dataclasses import replace
+
     from jobs.backlog import Backlog, sizes
-    from jobs.records import RunStore
+    from jobs.records import RunRecord, RunStore
     from jobs.redisio import connect
     from workers.dispatch import publish
     from workers.slots import Slots
@@ -45,9 +47,9 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
                   lim.slot_lease_seconds, prefix=settings.prefix)  # fmt: skip
 
     def admit(run_id: str) -> int:
-        meta = store.run_meta(run_id) or {}
-        window, ready = sizes(meta, lim, slots.capacity())
-        return publish(run_id, backlog.admit(run_id, window, ready=ready), {**meta, "queue": queue})
+        run = replace(store.run_meta(run_id) or RunRecord(), queue=queue)
+        window, ready = sizes(run, lim, slots.capacity())
+        return publish(run_id, backlog.admit(run_id, window, ready=ready), run)
 
     return admit
 
@@ -319,7 +321,7 @@ def retry_failed_command(run_id: str, pay_again: bool) -> None:
     billed without outputs is resubmitted (and paid for again) only with --pay-again."""
     runs = _runs()
     with _click_errors():
-        admit = _admitter(runs.settings, runs.meta(run_id).get("queue") or _queue())
+        admit = _admitter(runs.settings, runs.meta(run_id).queue or _queue())
         n, held = runs.retry_failed(run_id, admit, pay_again=pay_again)
     click.echo(f"run {run_id}: {n} failed jobs enqueued again")
     if held:
@@ -388,10 +390,10 @@ def reconcile_command(run_id: str, output: str | None, s3_endpoint: str | None, 
         meta = runs.store.run_meta(run_id)
         polled: int | None = None
         if meta is not None:
-            polled = runs.reconcile(run_id, _admitter(runs.settings, meta.get("queue") or _queue()))
+            polled = runs.reconcile(run_id, _admitter(runs.settings, meta.queue or _queue()))
         source, records, created_at = run_records(runs.store, run_id, output, s3_endpoint)
         atlas = runs.settings.atlas
-        with AtlasClient(atlas.with_(api_base=(meta or {}).get("api_base") or atlas.api_base)) as client:
+        with AtlasClient(atlas.with_(api_base=(meta.api_base if meta else "") or atlas.api_base)) as client:
             ledger = build(
                 run_id, source, records, client, atlas.api_key.shown_as, created_at=created_at, now=time.time()
             )

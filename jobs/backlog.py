@@ -17,13 +17,12 @@ the next job in (driven by the same worker thread), each end lets its successor 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import redis
 
 from jobs.config import Limits
-from jobs.records import FINAL, PENDING, SUBMITTING, RunStore
+from jobs.records import FINAL, PENDING, SUBMITTING, RunRecord, RunStore
 from jobs.redisio import script, translated
 
 # Takes a job that ended out of the window, then pops jobs while the run has room; each one let
@@ -76,12 +75,12 @@ return n
 """
 
 
-def sizes(meta: Mapping[str, Any], limits: Limits, slots: int) -> tuple[int, int]:
+def sizes(run: RunRecord, limits: Limits, slots: int) -> tuple[int, int]:
     """A run's window and ready part: a window set when it was started, else one that follows the
     in-flight slots there are now (`slots`); the ready part as it was started (this host's
     settings for older runs)."""
-    window = int(meta.get("window") or 0) or limits.admission_window(slots)
-    return window, int(meta.get("ready") or limits.admission_ready)
+    window = run.window or limits.admission_window(slots)
+    return window, run.ready or limits.admission_ready
 
 
 class Backlog:

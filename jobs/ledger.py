@@ -261,7 +261,7 @@ def run_records(
     else the durable records under `output`."""
     meta = store.run_meta(run_id)
     if meta is not None:
-        return "redis", [r.to_json() for r in store.iter_records(run_id)], _float(meta.get("created_at"))
+        return "redis", [r.to_json() for r in store.iter_records(run_id)], meta.created_at
     looked = looked_in(store.client, store.prefix)
     if not output:
         raise ConfigError(f"run {run_id!r} is not known to {looked}; pass --output to read its records from storage")

@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, cast
 
 import redis
@@ -25,11 +26,32 @@ from jobs.keys import RunKeys, active_runs
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 from manifests.spec import ImageRef, JobSpec
 
-PENDING, SUBMITTING, SUBMITTED, FETCHING = "pending", "submitting", "submitted", "fetching"
-SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = "succeeded", "failed", "skipped", "uncertain"
-OVERDUE = "overdue"
-FINAL = (SUCCEEDED, FAILED, SKIPPED, UNCERTAIN, OVERDUE)
-STATES = (PENDING, SUBMITTING, SUBMITTED, FETCHING, *FINAL)
+
+class JobState(StrEnum):
+    """A job's state. A `StrEnum`, so what Redis, the Lua scripts, the durable records and the
+    reports hold stays the plain lowercase word, and a state read back compares equal to it."""
+
+    PENDING = "pending"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    FETCHING = "fetching"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    UNCERTAIN = "uncertain"
+    OVERDUE = "overdue"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+# The short names stay importable: most modules speak of one or two states, not of the type.
+PENDING, SUBMITTING, SUBMITTED, FETCHING = JobState.PENDING, JobState.SUBMITTING, JobState.SUBMITTED, JobState.FETCHING
+SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED, JobState.UNCERTAIN
+OVERDUE = JobState.OVERDUE
+STATES = tuple(JobState)
+FINAL = STATES[STATES.index(SUCCEEDED) :]  # every state from `succeeded` on ends the job
 
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -139,7 +161,7 @@ return 1
 class JobRecord:
     run_id: str
     id: str
-    state: str
+    state: JobState
     spec: JobSpec
     token: str = ""
     prediction_id: str = ""
@@ -226,6 +248,115 @@ class JobRecord:
             "reused_from": self.reused_from,
             "saved_micros": self.saved_micros,
         }
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as its Redis hash holds it: the settings it started with (the same in run.json) and
+    what is set as it ends. The hash keeps one JSON value per field, as `create_run` and `set_run`
+    write them; every field has a default because runs started by earlier versions, or made by
+    hand in tests, lack some, and such a run must still be read."""
+
+    run_id: str = ""
+    output: str = ""
+    api_base: str = ""
+    budget_scope: str = ""
+    total: int | None = None  # None: only the hash's creation mark is there, not the run
+    manifest: str = ""
+    manifest_sha256: str = ""
+    format: str | None = None
+    model: str | None = None
+    models_file: str | None = None
+    allow_internal_urls: bool = False
+    prices: Mapping[str, int] = field(default_factory=dict)  # list prices, for a prediction without one
+    price_sources: Mapping[str, str] = field(default_factory=dict)
+    prices_read_at: str | None = None
+    metadata_columns: tuple[str, ...] = ()
+    queue: str | None = None
+    fetch_queue: str | None = None  # set only when it differs from `queue`
+    notify_url: str = ""
+    window: int = 0  # 0: the window follows the in-flight slots
+    ready: int = 0  # 0: the worker's own setting
+    s3_endpoint: str | None = None
+    inputs_mode: str = "upload"  # a run from before the modes uploads, as it began
+    inputs_stage: str = ""
+    reuse: bool = False
+    reuse_roots: tuple[str, ...] = ()  # the run's own output first
+    reuse_claims: str = ""
+    created_at: float | None = None
+    skipped_invalid_rows: int = 0
+    enqueued: int = 0
+    report_written: bool = False
+    notified: str = ""
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunRecord:
+        """From decoded values (the hash's JSON, or run.json); keys this version does not know are
+        left out, a missing or null one takes its default."""
+
+        def get(name: str) -> Any:
+            return values.get(name)
+
+        def text(name: str, default: str = "") -> str:
+            value = get(name)
+            return default if value is None else str(value)
+
+        def maybe(name: str) -> str | None:
+            value = get(name)
+            return None if value is None else str(value)
+
+        def whole(name: str) -> int:
+            return int(get(name) or 0)
+
+        created = get("created_at")
+        return cls(
+            run_id=text("run_id"),
+            output=text("output"),
+            api_base=text("api_base"),
+            budget_scope=text("budget_scope"),
+            total=int(get("total") or 0) if "total" in values else None,
+            manifest=text("manifest"),
+            manifest_sha256=text("manifest_sha256"),
+            format=maybe("format"),
+            model=maybe("model"),
+            models_file=maybe("models_file"),
+            allow_internal_urls=bool(get("allow_internal_urls")),
+            prices={str(k): int(v) for k, v in (get("prices") or {}).items()},
+            price_sources={str(k): str(v) for k, v in (get("price_sources") or {}).items()},
+            prices_read_at=maybe("prices_read_at"),
+            metadata_columns=tuple(str(c) for c in get("metadata_columns") or ()),
+            queue=maybe("queue"),
+            fetch_queue=maybe("fetch_queue"),
+            notify_url=text("notify_url"),
+            window=whole("window"),
+            ready=whole("ready"),
+            s3_endpoint=maybe("s3_endpoint"),
+            inputs_mode=text("inputs_mode", "upload"),
+            inputs_stage=text("inputs_stage"),
+            reuse=bool(get("reuse")),
+            reuse_roots=tuple(str(r) for r in get("reuse_roots") or ()),
+            reuse_claims=text("reuse_claims"),
+            created_at=float(created) if created not in (None, "") else None,
+            skipped_invalid_rows=whole("skipped_invalid_rows"),
+            enqueued=whole("enqueued"),
+            report_written=bool(get("report_written")),
+            notified=text("notified"),
+        )
+
+    @classmethod
+    def from_redis(cls, raw: Mapping[str, str]) -> RunRecord:
+        """From the hash as HGETALL returns it: each value JSON, or (`created_at`, first set by
+        HSETNX) a bare number."""
+        values: dict[str, Any] = {}
+        for k, v in raw.items():
+            try:
+                values[k] = json.loads(v)
+            except ValueError:
+                values[k] = v
+        return cls.from_values(values)
+
+    def list_price(self, model: str) -> int:
+        return int(self.prices[model])
 
 
 def spec_to_json(spec: JobSpec) -> str:
@@ -356,17 +487,9 @@ class RunStore:
         return bool(created)
 
     @translated
-    def run_meta(self, run_id: str) -> dict[str, Any] | None:
+    def run_meta(self, run_id: str) -> RunRecord | None:
         raw = cast(dict[str, str], self.client.hgetall(self.run_key(run_id)))
-        if not raw:
-            return None
-        out: dict[str, Any] = {}
-        for k, v in raw.items():
-            try:
-                out[k] = json.loads(v)
-            except ValueError:
-                out[k] = v
-        return out
+        return RunRecord.from_redis(raw) if raw else None
 
     @translated
     def set_run(self, run_id: str, **fields: Any) -> None:
@@ -387,7 +510,7 @@ class RunStore:
         specs: Iterable[JobSpec],
         token: str,
         *,
-        state: str = PENDING,
+        state: JobState = PENDING,
         waiting: bool = True,
         look: Callable[[str], bool] | None = None,
     ) -> list[str]:
@@ -460,7 +583,15 @@ class RunStore:
 
     @translated
     def transition(
-        self, run_id: str, job_id: str, expect: str, to: str, *, bump: str = "", count: str = "", **fields: Any
+        self,
+        run_id: str,
+        job_id: str,
+        expect: JobState,
+        to: JobState,
+        *,
+        bump: str = "",
+        count: str = "",
+        **fields: Any,
     ) -> str:
         """'ok' when the job went from `expect` to `to`; otherwise the state it is really in.
         With the move (and only then) the run's counter `bump` and the job's field `count` go up by
@@ -493,7 +624,9 @@ class RunStore:
         return int(pipe.execute()[-1] or 0)  # jobs of the run finished so far
 
     @translated
-    def holds(self, run_id: str, job_id: str, state: str, token: str, *, flag: str = "") -> tuple[bool, str | None]:
+    def holds(
+        self, run_id: str, job_id: str, state: JobState, token: str, *, flag: str = ""
+    ) -> tuple[bool, str | None]:
         """Whether the job is still in `state` and driven by the message holding `token`, and the
         value of the key `flag` (a run's halt reason), in one round trip: this check sits between
         a rate-limited send time and the send, where every wait adds jitter."""
@@ -542,7 +675,14 @@ class RunStore:
 
     @translated
     def reopen(
-        self, run_id: str, job_id: str, from_state: str, to_state: str, token: str, *, paid_again: bool = False
+        self,
+        run_id: str,
+        job_id: str,
+        from_state: JobState,
+        to_state: JobState,
+        token: str,
+        *,
+        paid_again: bool = False,
     ) -> bool:
         """Take a final job back (retry-failed, resume, reconcile), undoing its counters; with
         `paid_again` its cost stays counted, as an earlier attempt's."""
@@ -593,7 +733,7 @@ def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:
     return JobRecord(
         run_id=run_id,
         id=job_id,
-        state=raw.get("state", PENDING),
+        state=JobState(raw.get("state") or PENDING),
         spec=spec_from_json(raw["spec"]),
         token=raw.get("token", ""),
         prediction_id=raw.get("prediction_id", ""),

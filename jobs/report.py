@@ -11,13 +11,14 @@ import io
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from jobs.budget import Budget
 from jobs.gallery import job_view, render
-from jobs.records import FINAL, JobRecord, RunStore
+from jobs.records import FINAL, JobRecord, RunRecord, RunStore
 from jobs.storage import Storage
 from jobs.thumbs import Thumbs, relative
 from manifests.models import micros_to_usd
@@ -99,7 +100,7 @@ def row_of(rec: JobRecord | dict[str, Any], metadata_columns: list[str]) -> list
 def write_report(
     storage: Storage,
     records: Iterator[JobRecord | dict[str, Any]],
-    meta: dict[str, Any],
+    run: RunRecord,
     *,
     now: float | None = None,
     read_input: ReadInput | None = None,
@@ -109,7 +110,7 @@ def write_report(
     """Write report.csv, the gallery (report.html with its thumbnails) and summary.json; return the
     summary. With `presign_seconds` (S3 only), also report-presigned.html, whose links work
     without credentials for that long; its own link is in the summary returned, never stored."""
-    metadata_columns = [c for c in meta.get("metadata_columns", []) if c not in COLUMNS]
+    metadata_columns = [c for c in run.metadata_columns if c not in COLUMNS]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([cell(c) for c in COLUMNS + metadata_columns])  # metadata names are the user's text too
@@ -125,7 +126,7 @@ def write_report(
         writer.writerow(row)
         view = job_view(d, row[COLUMNS.index("error")].removeprefix("'"))
         view["outputs"] = d.get("outputs") or []
-        view["image_refs"] = _refs(rec, meta)
+        view["image_refs"] = _refs(rec, run)
         views.append(view)
         counts[d["state"]] += 1
         if d.get("reused_from"):
@@ -138,10 +139,10 @@ def write_report(
         cost_by_model[d["model"]] += cost
     storage.put_bytes("report.csv", buf.getvalue().encode("utf-8"), "text/csv; charset=utf-8")
     now = time.time() if now is None else now
-    started = float(meta.get("created_at") or now)
+    started = run.created_at or now
     finished = sum(counts[s] for s in FINAL)
-    summary = {
-        "run_id": meta.get("run_id"),
+    summary: dict[str, Any] = {
+        "run_id": run.run_id or None,
         "jobs": sum(counts.values()),
         "counts": dict(counts),
         "outcome": outcome(counts, reasons),
@@ -152,7 +153,7 @@ def write_report(
         "cost_by_model_usd": {m: micros_to_usd(c) for m, c in sorted(cost_by_model.items())},
         "reused": reused,  # jobs that copied an edit already stored instead of paying for it
         "saved_usd": micros_to_usd(saved),  # what those edits cost when they were made
-        "budget_scope": meta.get("budget_scope"),
+        "budget_scope": run.budget_scope or None,
         "wall_seconds": round(now - started, 3),
         "jobs_per_second": round(finished / (now - started), 3) if now > started else None,
         "report": storage.uri("report.csv"),
@@ -213,12 +214,12 @@ def write_gallery(
     return page_link
 
 
-def _refs(rec: JobRecord | dict[str, Any], meta: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+def _refs(rec: JobRecord | dict[str, Any], run: RunRecord) -> list[tuple[str, str, str | None]]:
     """(kind, value, local path) of each input; a durable record keeps only the values."""
     if isinstance(rec, JobRecord):
         return [(i.kind, i.value, i.path) for i in rec.spec.images]
     refs: list[tuple[str, str, str | None]] = []
-    folder = Path(str(meta.get("manifest") or ".")).parent
+    folder = Path(run.manifest or ".").parent
     for value in rec.get("images") or []:
         v = str(value)
         if v.startswith("s3://"):
@@ -238,9 +239,8 @@ def write_run_report(
     read_input: ReadInput | None = None,
     presign_seconds: int | None = None,
 ) -> dict[str, Any]:
-    meta = store.run_meta(run_id) or {}
-    meta["run_id"] = run_id
-    state = Budget(store.client, str(meta.get("budget_scope") or run_id), prefix=store.prefix).state()
+    run = replace(store.run_meta(run_id) or RunRecord(), run_id=run_id)
+    state = Budget(store.client, run.budget_scope or run_id, prefix=store.prefix).state()
     budget = None
     if state.cap_micros is not None or state.stopped:
         budget = {
@@ -250,5 +250,5 @@ def write_run_report(
         if state.stopped:
             budget["stopped"] = state.stopped
     return write_report(
-        storage, store.iter_records(run_id), meta, read_input=read_input, budget=budget, presign_seconds=presign_seconds
+        storage, store.iter_records(run_id), run, read_input=read_input, budget=budget, presign_seconds=presign_seconds
     )

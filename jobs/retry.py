@@ -38,8 +38,10 @@ class Backoff:
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """A task's countdown after its `attempt`-th failure (no thread sleeps it): doubling from
-    `base` up to `cap`, half of it drawn at random so retries of many jobs spread out."""
+    """The wait after the `attempt`-th failure (1-based) of anything the workers try again: a
+    task's countdown, a webhook's retry, a short in-thread pause. Doubling from `base` up to
+    `cap`, half of it drawn at random so the retries of many jobs spread out; one formula, so
+    every retry's bounds are read here."""
     return Backoff(initial=base, maximum=cap, jitter=0.5).delay(attempt)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs.budget import Budget
 from jobs.keys import run_head, run_ids
+from jobs.records import RunRecord
 from jobs.runs import Runs
 from jobs.storage import S3Storage, open_output, open_storage
 from manifests.errors import StorageError
@@ -24,12 +25,12 @@ def _started(created_at: Any) -> str:
         return ""
 
 
-def _metas(runs: Runs) -> dict[str, dict[str, Any]]:
+def _metas(runs: Runs) -> dict[str, RunRecord]:
     """Each run's record Redis holds under this prefix (a run's other keys have a further ':')."""
     prefix = runs.settings.prefix
     ids = run_ids(prefix, runs.redis.scan_iter(f"{run_head(prefix)}*", count=1000))
     metas = {run_id: runs.store.run_meta(run_id) for run_id in ids}
-    return {run_id: meta for run_id, meta in metas.items() if meta is not None and "total" in meta}
+    return {run_id: meta for run_id, meta in metas.items() if meta is not None and meta.total is not None}
 
 
 def in_redis(runs: Runs) -> list[dict[str, Any]]:
@@ -38,21 +39,21 @@ def in_redis(runs: Runs) -> list[dict[str, Any]]:
     for run_id, meta in _metas(runs).items():
         p = runs.progress(run_id)
         state = "finished" if p.done else "halted" if p.halted else "running"
-        if p.done and not meta.get("report_written"):
+        if p.done and not meta.report_written:
             state = "finishing"  # the last job ended; the report is being written
-        cap = Budget(runs.redis, meta["budget_scope"], prefix=runs.settings.prefix).state().cap_micros
+        cap = Budget(runs.redis, meta.budget_scope, prefix=runs.settings.prefix).state().cap_micros
         rows.append(
             {
                 "run_id": run_id,
-                "created_at": float(meta.get("created_at") or 0),
-                "started": _started(meta.get("created_at")),
+                "created_at": meta.created_at or 0.0,
+                "started": _started(meta.created_at),
                 "state": state + (f" ({p.halted})" if p.halted and not p.done else ""),
                 "finished": p.finished,
                 "total": p.total,
                 "done": f"{p.finished:,}/{p.total:,}",
                 "cost_usd": micros_to_usd(p.cost_micros),
                 "budget_usd": None if cap is None else micros_to_usd(cap),
-                "output": meta.get("output", ""),
+                "output": meta.output,
                 "source": "redis",
             }
         )
@@ -126,7 +127,7 @@ def listing(runs: Runs, output: str | None = None, endpoint: str | None = None) 
 def latest(runs: Runs) -> str | None:
     """The run Redis knows that started last: what `status` shows without a run id."""
     metas = _metas(runs)
-    return max(metas, key=lambda run_id: (float(metas[run_id].get("created_at") or 0), run_id), default=None)
+    return max(metas, key=lambda run_id: (metas[run_id].created_at or 0.0, run_id), default=None)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

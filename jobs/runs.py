@@ -37,6 +37,7 @@ from jobs.records import (
     SUBMITTED,
     UNCERTAIN,
     JobRecord,
+    RunRecord,
     RunStore,
 )
 from jobs.redisio import connect, looked_in
@@ -321,7 +322,7 @@ class Runs:
         """Where this looks for runs, for a message that says so: Redis host:port/db and key prefix."""
         return looked_in(self.redis, self.settings.prefix)
 
-    def meta(self, run_id: str) -> dict[str, Any]:
+    def meta(self, run_id: str) -> RunRecord:
         meta = self.store.run_meta(run_id)
         if meta is None:
             raise ConfigError(
@@ -331,30 +332,29 @@ class Runs:
         return meta
 
     def progress(self, run_id: str) -> Progress:
-        meta = self.meta(run_id)
+        run = self.meta(run_id)
         counts = self.store.counts(run_id)
-        budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix).state()
+        budget = Budget(self.redis, run.budget_scope, prefix=self.settings.prefix).state()
         return Progress(
             run_id=run_id,
-            total=int(meta["total"]),
+            total=run.total or 0,
             counts=counts,
             cost_micros=counts.get("cost_micros", 0),
-            elapsed=time.time() - float(meta["created_at"]),
+            elapsed=time.time() - (run.created_at or time.time()),
             halted=self.control.halted(run_id),
             budget_cap=budget.cap_micros,
             budget_spent=budget.spent_micros,
-            report_written=bool(meta.get("report_written")),
-            notified=meta.get("notified") or None,
+            report_written=run.report_written,
+            notified=run.notified or None,
             budget_stopped=budget.stopped,
         )
 
     def storage(self, run_id: str) -> Storage:
-        meta = self.meta(run_id)
-        return open_storage(meta["output"], run_id, endpoint_url=self.settings.s3_endpoint or meta.get("s3_endpoint"))
+        run = self.meta(run_id)
+        return open_storage(run.output, run_id, endpoint_url=self.settings.s3_endpoint or run.s3_endpoint)
 
     def report(self, run_id: str, *, presign_seconds: int | None = None) -> dict[str, Any]:
-        meta = self.meta(run_id)
-        reader = input_reader(_s3_client(meta.get("s3_endpoint") or self.settings.s3_endpoint))
+        reader = input_reader(_s3_client(self.meta(run_id).s3_endpoint or self.settings.s3_endpoint))
         storage = self.storage(run_id)
         return write_run_report(self.store, storage, run_id, read_input=reader, presign_seconds=presign_seconds)
 
@@ -390,8 +390,8 @@ class Runs:
         `run --workers` stops its workers only then. False at the deadline."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            meta = self.meta(run_id)
-            if meta.get("report_written") and (not notify or meta.get("notified")):
+            run = self.meta(run_id)
+            if run.report_written and (not notify or run.notified):
                 return True
             time.sleep(0.2)
         return False
@@ -449,10 +449,10 @@ class Runs:
     def clear_halt(self, run_id: str, admit: Callable[[str], int]) -> tuple[list[str], int]:
         """Lift the run's halt (payment, key, cancel) and its budget's stop, and run the jobs they
         skipped again, each as a new attempt. Returns (the reasons lifted, jobs enqueued)."""
-        meta = self.meta(run_id)
+        scope = self.meta(run_id).budget_scope
         lifted = [r for r in [self.control.halted(run_id)] if r]
         self.control.resume(run_id)
-        stopped = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix).clear_stop()
+        stopped = Budget(self.redis, scope, prefix=self.settings.prefix).clear_stop()
         if stopped:
             lifted.append(stopped)
         token = secrets.token_hex(8)
@@ -475,7 +475,7 @@ class Runs:
         return len(again)
 
     def _budget(self, run_id: str) -> Budget:
-        return Budget(self.redis, self.meta(run_id)["budget_scope"], prefix=self.settings.prefix)
+        return Budget(self.redis, self.meta(run_id).budget_scope, prefix=self.settings.prefix)
 
     def _reopen_awaiting(self, run_id: str, rec: JobRecord, token: str, budget: Budget) -> bool:
         if rec.state not in (OVERDUE, UNCERTAIN) or not rec.prediction_id:
@@ -516,7 +516,7 @@ class Runs:
                     "message due); `watch` it, or pass --force if those workers are gone"
                 )
             ids = []
-            budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix)
+            budget = Budget(self.redis, meta.budget_scope, prefix=self.settings.prefix)
             for rec in list(self.store.iter_records(run_id)):
                 if self._reopen_awaiting(run_id, rec, token, budget):
                     ids.append(rec.id)
@@ -573,16 +573,17 @@ class Runs:
         meta["s3_endpoint"] = s3_endpoint or saved.get("s3_endpoint")
         if not self.store.create_run(run_id, meta):
             raise ConfigError(f"run {run_id} is known to Redis again; resume it without --output")
-        budget = Budget(self.redis, meta["budget_scope"], prefix=self.settings.prefix)
+        run = RunRecord.from_values(meta)
+        budget = Budget(self.redis, run.budget_scope, prefix=self.settings.prefix)
         if saved.get("budget_cap_micros") is not None and budget.state().cap_micros is None:
             budget.set_cap(int(saved["budget_cap_micros"]))
         todo: list[str] = []
         batch: list[JobSpec] = []
         # The rows' fingerprints are read again (files hashed, not checked); a stored record's
         # wins, being what the run first had. Rows whose edit is indexed look for it, as at start.
-        roots = meta.get("reuse_roots") or []
-        reusing = bool(meta.get("reuse")) and bool(roots)
-        look = Plan(results.known(roots, meta["s3_endpoint"])).reused if reusing else None
+        roots = list(run.reuse_roots)
+        reusing = run.reuse and bool(roots)
+        look = Plan(results.known(roots, run.s3_endpoint)).reused if reusing else None
         claims = Claims(self.redis, prefix=self.settings.prefix)
 
         def flush() -> None:
@@ -619,9 +620,9 @@ class Runs:
                 if kind is Restore.POLL_AGAIN:
                     self.store.update(run_id, jid, **{**fields, "cost_micros": 0, "record_written": "0"})
                     self.store.transition(run_id, jid, PENDING, SUBMITTED, submitted_at=repr(time.time()))
-                    budget.reserve(entry, worst_case(int(meta["prices"][spec.model]), spec.params))
+                    budget.reserve(entry, worst_case(run.list_price(spec.model), spec.params))
                     if reusing and spec.fingerprint:  # its edit is under way: twins wait for it, from now
-                        claims.take(str(meta["reuse_claims"]), spec.fingerprint, f"{run_id}:{jid}")
+                        claims.take(run.reuse_claims, spec.fingerprint, f"{run_id}:{jid}")
                     todo.append(jid)
                 elif kind is Restore.ENDED:
                     self.store.update(run_id, jid, **fields)
@@ -630,7 +631,7 @@ class Runs:
                     if cost:
                         budget.settle(entry, cost)
                 elif kind is Restore.MAYBE_SENT:
-                    price = worst_case(int(meta["prices"][spec.model]), spec.params)
+                    price = worst_case(run.list_price(spec.model), spec.params)
                     self.store.update(
                         run_id,
                         jid,
@@ -672,10 +673,10 @@ def report_from_storage(
 ) -> dict[str, Any]:
     """The report when Redis no longer knows the run: rebuilt from the durable records."""
     storage = open_storage(output, run_id, endpoint_url=s3_endpoint)
-    saved = storage.get_json("run.json") or {}
+    run = RunRecord.from_values(storage.get_json("run.json") or {})
     rows = sorted(stored_records(storage), key=lambda r: int(r.get("line") or 0))
-    reader = input_reader(_s3_client(s3_endpoint or saved.get("s3_endpoint")))
-    return write_report(storage, iter(rows), saved, read_input=reader, presign_seconds=presign_seconds)
+    reader = input_reader(_s3_client(s3_endpoint or run.s3_endpoint))
+    return write_report(storage, iter(rows), run, read_input=reader, presign_seconds=presign_seconds)
 
 
 def _s3_client(endpoint: str | None) -> Callable[[], Any]:

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from jobs.gallery import render
+from jobs.records import RunRecord
 from jobs.report import write_report
 from jobs.storage import LocalStorage, S3Storage
 from jobs.thumbs import relative
@@ -133,7 +134,7 @@ def _records(n: int) -> list[dict[str, Any]]:
 
 def test_the_gallery_stays_usable_at_ten_thousand_jobs(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "run")
-    write_report(storage, iter(_records(10_000)), {"run_id": "big", "metadata_columns": ["sku", "campaign"]})
+    write_report(storage, iter(_records(10_000)), RunRecord(run_id="big", metadata_columns=("sku", "campaign")))
     page_file = tmp_path / "run" / "report.html"
     assert page_file.stat().st_size < 8 * 1024 * 1024
     with chromium_page() as page:
@@ -190,7 +191,7 @@ def test_no_report_header_starts_a_formula(tmp_path: Path) -> None:
     names = ['=HYPERLINK("http://x","y")', "+1", "-1", "@SUM(A1)", "\tx", "sku"]
     record = {"id": "a", "line": 2, "state": "succeeded", "model": V4, "prompt": "p", "images": ["p.png"],
               "metadata": {n: f"v{i}" for i, n in enumerate(names)}, "outputs": [], "cost_micros": 27_000}  # fmt: skip
-    write_report(storage, iter([record]), {"run_id": "r", "metadata_columns": names})
+    write_report(storage, iter([record]), RunRecord(run_id="r", metadata_columns=tuple(names)))
     raw = (tmp_path / "run" / "report.csv").read_bytes().decode("utf-8")
     assert raw.startswith("id,status,") and ',"\'=HYPERLINK(""http://x"",""y"")",' in raw.split("\n", 1)[0]
     header, row = list(csv.reader(io.StringIO(raw, newline="")))
@@ -209,7 +210,7 @@ def test_thumbnails_are_made_once(tmp_path: Path) -> None:
         out = storage.put_bytes(f"outputs/sku-{i}/0.png", image_bytes(600, 400), "image/png")
         records.append({"id": f"sku-{i}", "line": i + 2, "state": "succeeded", "model": V4, "prompt": "p",
                         "images": [f"p{i % 2}.png"], "outputs": [out], "cost_micros": 27_000})  # fmt: skip
-    meta = {"run_id": "r", "manifest": str(photos / "manifest.csv")}
+    meta = RunRecord(run_id="r", manifest=str(photos / "manifest.csv"))
 
     def read(kind: str, value: str, path: str | None) -> bytes | None:
         return Path(path).read_bytes() if path else None
@@ -240,7 +241,7 @@ def test_a_presigned_gallery_opens_straight_from_s3(s3_endpoint: str, tmp_path: 
     out = storage.put_bytes("outputs/sku-1/0.png", image_bytes(300, 200), "image/png")
     records = [{"id": "sku-1", "line": 2, "state": "succeeded", "model": V4, "prompt": "p", "images": ["u.png"],
                 "outputs": [out], "cost_micros": 27_000}]  # fmt: skip
-    summary = write_report(storage, iter(records), {"run_id": "r1"}, presign_seconds=600)
+    summary = write_report(storage, iter(records), RunRecord(run_id="r1"), presign_seconds=600)
     link = summary["gallery_presigned_url"]
     assert "X-Amz-Signature=" in link or "Signature=" in link
     stored = json.loads(storage.get_bytes("summary.json") or b"{}")
@@ -253,4 +254,4 @@ def test_a_presigned_gallery_opens_straight_from_s3(s3_endpoint: str, tmp_path: 
     plain = storage.get_bytes("report.html") or b""
     assert b"X-Amz" not in plain and b"thumbs/out/" in plain  # the downloadable page links relatively
     with pytest.raises(Exception, match="s3://"):
-        write_report(LocalStorage(tmp_path / "local"), iter(records), {"run_id": "r1"}, presign_seconds=600)
+        write_report(LocalStorage(tmp_path / "local"), iter(records), RunRecord(run_id="r1"), presign_seconds=600)

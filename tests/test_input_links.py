@@ -167,7 +167,7 @@ def test_an_input_link_the_service_cannot_fetch_fails_the_job_unbilled(
     assert acc["input_fetches_signed"] == 2 and acc["input_fetch_failures"] == 2
     runs = pipe.runs()
     meta = runs.meta(run_id)
-    budget = Budget(runs.redis, meta["budget_scope"], prefix=pipe.prefix).state()
+    budget = Budget(runs.redis, meta.budget_scope, prefix=pipe.prefix).state()
     assert budget.spent_micros == 0 and budget.reserved_micros == 0  # both reservations released
     jobs = {r.id: r for r in runs.store.iter_records(run_id)}
     assert "failed to fetch input image" in jobs["gone"].error and "404" in jobs["gone"].error

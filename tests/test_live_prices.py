@@ -62,7 +62,7 @@ def test_costs_reservations_and_run_json_follow_the_live_price(pipe: Pipeline) -
     assert saved["prices"][V4] == 20_000 and saved["prices"][V45] == 36_000
     assert saved["price_sources"] == {V4: "models-endpoint", V45: "models-endpoint"}
     assert saved["prices_read_at"].endswith("Z")
-    assert pipe.runs().meta(run_id)["prices"][V4] == 20_000  # what the workers read
+    assert pipe.runs().meta(run_id).prices[V4] == 20_000  # what the workers read
 
 
 def test_estimate_shows_the_live_price_and_falls_back_when_models_fails(

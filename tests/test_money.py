@@ -25,6 +25,7 @@ from tests.helpers import image_bytes, wait_for
 from tests.pipeline import EXE, Pipeline, one_job, read_report, run_id_of, stored_record, write_manifest
 from workers import steps
 from workers.context import Context
+from workers.turn import Done, Wait
 
 # -- in-process: two Contexts (two workers) on real Redis and the sandbox over HTTP ---------------
 
@@ -41,8 +42,8 @@ def test_a_second_copy_of_a_message_cannot_end_a_claimed_submit_uncertain(
     b_wait = steps.advance(b, run_id, "sku-1", "0", due_at=0.0)
     job = b.runs.get(run_id, "sku-1")
     assert job is not None and job.state == SUBMITTED and job.prediction_id, job
-    assert b_wait is not None and b_wait > 0
-    budget_key = a.budget(a.meta(run_id)["budget_scope"]).keys[0]
+    assert isinstance(b_wait, Wait) and b_wait.seconds > 0
+    budget_key = a.budget(a.meta(run_id).budget_scope).keys[0]
     assert a.runs.mark_posted(run_id, "sku-1", "0", a.control.key(run_id), budget_key) == "lost"  # A never sends
     assert sandbox.accounting()["created"] == 1
     assert stored_record(folder)["prediction_id"] == job.prediction_id
@@ -62,7 +63,7 @@ def test_a_claim_that_did_not_leave_is_pending_again_in_storage_too(
     )
     ctx = Context(settings)
     wait = steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
-    assert wait is not None and wait > 0
+    assert isinstance(wait, Wait) and wait.seconds > 0
     job = ctx.runs.get(run_id, "sku-1")
     assert job is not None and job.state == PENDING and job.posted_at is None
     assert stored_record(folder)["state"] == PENDING
@@ -95,7 +96,7 @@ def test_a_worker_that_dies_while_waiting_for_its_send_time_leaves_the_job_pendi
 
 
 def _stop_redis_after_the_post(ctx: Context, run_id: str, server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    client = ctx.client(ctx.meta(run_id)["api_base"])
+    client = ctx.client(ctx.meta(run_id).api_base)
     ctx.storage(run_id)  # opened while Redis answers
     real_submit = client.submit
 
@@ -123,7 +124,7 @@ def test_redis_away_right_after_the_post_keeps_the_prediction_id(
         restart.join()
         job = ctx.runs.get(run_id, "sku-1")
         (pid,) = sandbox.accounting()["prediction_ids"]
-        assert wait is not None and job is not None and (job.state, job.prediction_id) == (SUBMITTED, pid)
+        assert not isinstance(wait, Done) and job is not None and (job.state, job.prediction_id) == (SUBMITTED, pid)
         assert stored_record(folder)["prediction_id"] == pid
     finally:
         server.stop()

@@ -15,6 +15,7 @@ from sandbox.server import SandboxProcess
 from tests.pipeline import Pipeline, one_job, stored_record
 from workers import steps
 from workers.context import Context
+from workers.turn import Done, Stale
 
 
 class WorkerKilled(BaseException):
@@ -75,13 +76,13 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
     finalized: list[str] = []
     monkeypatch.setattr(dispatch, "send_finalize", lambda run_id, queue: finalized.append(run_id))
     monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)  # B comes after the sender's time-outs
-    client = a.client(a.meta(run_id)["api_base"])
+    client = a.client(a.meta(run_id).api_base)
     real_submit = client.submit
 
     def submit_then_freeze(*args: object, **kwargs: object) -> object:
         answer = real_submit(*args, **kwargs)  # the prediction exists and will be billed
         # ... A is frozen here; the broker redelivers its message (same token) to B:
-        assert steps.advance(b, run_id, "sku-1", "0", due_at=0.0) is None
+        assert steps.advance(b, run_id, "sku-1", "0", due_at=0.0) == Done()
         assert b.runs.get(run_id, "sku-1").state == UNCERTAIN  # type: ignore[union-attr]
         assert finalized == [run_id]
         Runs(settings).report(run_id)  # what finalize_run does on a worker
@@ -89,7 +90,7 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
 
     monkeypatch.setattr(client, "submit", submit_then_freeze)
     wait = steps.advance(a, run_id, "sku-1", "0", due_at=0.0)  # A wakes: adopts the prediction
-    assert wait is not None
+    assert not isinstance(wait, Done)
     monkeypatch.undo()
     monkeypatch.setattr(dispatch, "send_finalize", lambda run_id, queue: finalized.append(run_id))
     for _ in range(60):
@@ -164,8 +165,8 @@ def test_a_stale_message_ending_a_job_never_releases_the_reservation_of_the_subm
         return real_halted(run_id)
 
     monkeypatch.setattr(a.control, "halted", halted_after_a_takeover)
-    assert steps.advance(a, run1, "sku-1", t1, due_at=0.0) == steps.STALE
-    budget = a.budget(a.meta(run1)["budget_scope"])
+    assert steps.advance(a, run1, "sku-1", t1, due_at=0.0) == Stale()
+    budget = a.budget(a.meta(run1).budget_scope)
     held = budget.state()
     c = Context(settings)  # type: ignore[arg-type]
     steps.advance(c, run2, "sku-1", c.runs.get(run2, "sku-1").token, due_at=0.0)  # type: ignore[union-attr]

@@ -169,7 +169,7 @@ def test_metrics_during_a_run_agree_with_the_service(pipe: Pipeline) -> None:
     assert 0 < mid[key] <= 24 and f"seedream_run_jobs{{run_id={run_id},state=succeeded}}" in mid
     assert "seedream_in_flight_slots{}" in mid
     done = pipe.wait_done(run_id, timeout=120)
-    wait_for(lambda: pipe.runs().meta(run_id).get("report_written"), timeout=60, what="the report")
+    wait_for(lambda: pipe.runs().meta(run_id).report_written, timeout=60, what="the report")
     end = [scrape(p) for p in ports]
     acc = pipe.sandbox.accounting()
     assert acc["http_429"] > 0 and acc["not_billed"] > 0  # the test shows something
@@ -252,7 +252,7 @@ def test_the_webhook_gets_the_summary_and_a_dead_one_changes_nothing(pipe: Pipel
     assert body["outcome"] == "succeeded" and body["counts"] == {"succeeded": 6}
     assert int(body["total_cost_micros"]) == pipe.sandbox.accounting()["billed_micros"]
     assert hook.headers[-1]["X-Seedream-Run"] == run_id
-    wait_for(lambda: pipe.runs().meta(run_id).get("notified") == "ok after 2 tries", timeout=30, what="notified")
+    wait_for(lambda: pipe.runs().meta(run_id).notified == "ok after 2 tries", timeout=30, what="notified")
     run_json = (pipe.tmp / "out" / run_id / "run.json").read_text()
     assert "secret-token" not in run_json  # the webhook's token is not kept in storage
     status = json.loads(pipe.cli("status", run_id, "--json").stdout)
@@ -264,7 +264,7 @@ def test_the_webhook_gets_the_summary_and_a_dead_one_changes_nothing(pipe: Pipel
     assert again.returncode == told.returncode == 0, again.stderr
     dead_id = run_id_of(again.stdout)
     # these workers outlive the CLI, which does not wait for them to give up on the webhook
-    gave_up = wait_for(lambda: pipe.runs().meta(dead_id).get("notified"), timeout=60, what="the webhook given up")
+    gave_up = wait_for(lambda: pipe.runs().meta(dead_id).notified, timeout=60, what="the webhook given up")
     assert gave_up.startswith("failed after 3 tries")
     assert pipe.runs().progress(dead_id).counts.get("succeeded") == 6
 
@@ -277,7 +277,7 @@ def test_json_logs_parse_carry_run_and_job_ids_and_never_the_key(pipe: Pipeline)
     done = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--wait", "--notify",
                     f"http://{API_KEY}@127.0.0.1:{free_port()}/x")  # fmt: skip
     run_id = run_id_of(done.stdout)
-    wait_for(lambda: pipe.runs().meta(run_id).get("notified"), timeout=60, what="the webhook given up")
+    wait_for(lambda: pipe.runs().meta(run_id).notified, timeout=60, what="the webhook given up")
     for w in pipe.workers:
         w.stop(timeout=30)
     raw = (pipe.tmp / "workers.log").read_bytes()

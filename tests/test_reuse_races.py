@@ -75,7 +75,7 @@ def _wait_done(pipe: Pipeline, run_id: str, timeout: float, watch: list[str] | N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if runs.progress(run_id).done:  # then its report, written by a worker after the last job
-            wait_for(lambda: runs.meta(run_id).get("report_written"), timeout=30, what=f"run {run_id}'s report")
+            wait_for(lambda: runs.meta(run_id).report_written, timeout=30, what=f"run {run_id}'s report")
             return
         time.sleep(0.2)
     r = _r(pipe)
@@ -516,13 +516,13 @@ def test_a_claim_left_by_an_ended_holder_is_taken_over_at_once(
     meta = one.meta(run)
     a = one.runs.get(run, "a")
     assert a is not None and a.spec.fingerprint
-    assert one.claims.take(meta["reuse_claims"], a.spec.fingerprint, f"{run}:a") == "fresh"
+    assert one.claims.take(meta.reuse_claims, a.spec.fingerprint, f"{run}:a") == "fresh"
     assert one.runs.transition(run, "a", PENDING, FAILED, reason="test") == "ok"  # died before letting go
-    assert one.claims.holder(meta["reuse_claims"], a.spec.fingerprint) == f"{run}:a"
+    assert one.claims.holder(meta.reuse_claims, a.spec.fingerprint) == f"{run}:a"
     steps.advance(two, run, "b", "0", due_at=0.0)
     b = two.runs.get(run, "b")
     assert b is not None and b.state == SUBMITTED and b.prediction_id, b
-    assert two.claims.holder(meta["reuse_claims"], a.spec.fingerprint) == f"{run}:b"
+    assert two.claims.holder(meta.reuse_claims, a.spec.fingerprint) == f"{run}:b"
     assert sandbox.accounting()["created"] == 1
 
 

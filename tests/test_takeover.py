@@ -17,6 +17,7 @@ from sandbox.server import SandboxProcess
 from tests.pipeline import one_job, stored_record
 from workers import steps
 from workers.context import Context
+from workers.turn import StepResult, Wait
 
 
 @pytest.mark.parametrize("moment", ["waiting_for_the_send_time", "sending"])
@@ -29,18 +30,18 @@ def test_a_copy_of_the_message_meanwhile_neither_sends_twice_nor_ends_it_uncerta
     instead of ending the job uncertain. Either way: one prediction, nothing uncertain."""
     settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
     a, b = Context(settings), Context(settings)
-    took_over: list[float | None] = []
+    took_over: list[StepResult | None] = []
 
     def other_worker_runs_it() -> None:
         if not took_over:
-            took_over.append(-1.0)
+            took_over.append(None)
             took_over[0] = steps.advance(b, run_id, "sku-1", "0", due_at=0.0)
 
     if moment == "waiting_for_the_send_time":
         real_sleep = steps.time.sleep
         monkeypatch.setattr(steps.time, "sleep", lambda s: (other_worker_runs_it(), real_sleep(min(s, 0.01))))
     else:
-        client = a.client(a.meta(run_id)["api_base"])
+        client = a.client(a.meta(run_id).api_base)
         real_submit = client.submit
 
         def submit(*args: Any, **kwargs: Any) -> Any:
@@ -50,7 +51,8 @@ def test_a_copy_of_the_message_meanwhile_neither_sends_twice_nor_ends_it_uncerta
         monkeypatch.setattr(client, "submit", submit)
 
     steps.advance(a, run_id, "sku-1", "0", due_at=0.0)  # A goes on with the job as it finds it
-    assert took_over and took_over[0] is not None and took_over[0] > 0  # B came back later; it ended nothing
+    came_back = took_over[0] if took_over else None  # B came back later; it ended nothing
+    assert isinstance(came_back, Wait) and came_back.seconds > 0
     job = a.runs.get(run_id, "sku-1")
     assert job is not None and job.state not in (UNCERTAIN, PENDING) and job.prediction_id
     assert stored_record(folder)["prediction_id"] == job.prediction_id

@@ -13,7 +13,7 @@ from jobs.claims import Claims
 from jobs.config import WorkerSettings
 from jobs.control import RunControl
 from jobs.environment import process_settings
-from jobs.records import RunStore
+from jobs.records import RunRecord, RunStore
 from jobs.redisio import connect
 from jobs.results import ResultsIndex
 from jobs.storage import Storage, open_output, open_storage
@@ -51,10 +51,11 @@ class Context:
         self._clients: dict[str, AtlasClient] = {}
         self._storages: dict[str, Storage] = {}
         self._budgets: dict[str, Budget] = {}
-        self._meta: dict[str, dict[str, Any]] = {}
+        self._meta: dict[str, RunRecord] = {}
         self._s3: Any = None
 
-    def meta(self, run_id: str) -> dict[str, Any]:
+    def meta(self, run_id: str) -> RunRecord:
+        """The run's record, read once per process: what a run started with does not change."""
         with self._lock:
             if run_id in self._meta:
                 return self._meta[run_id]
@@ -74,11 +75,11 @@ class Context:
     def storage(self, run_id: str) -> Storage:
         with self._lock:
             if run_id not in self._storages:
-                meta = self._meta.get(run_id) or {}
+                run = self._meta.get(run_id) or RunRecord()
                 # This host's own endpoint first: the name that reaches the bucket can differ per host
                 # (a private endpoint, a local gateway); the submitting machine's is the fallback.
-                endpoint = self.settings.s3_endpoint or meta.get("s3_endpoint")
-                self._storages[run_id] = open_storage(meta["output"], run_id, endpoint_url=endpoint)
+                endpoint = self.settings.s3_endpoint or run.s3_endpoint
+                self._storages[run_id] = open_storage(run.output, run_id, endpoint_url=endpoint)
             return self._storages[run_id]
 
     def root(self, root: str, run_id: str) -> Storage:
@@ -87,15 +88,14 @@ class Context:
         with self._lock:
             key = f"root:{root}"
             if key not in self._storages:
-                meta = self._meta.get(run_id) or {}
-                endpoint = self.settings.s3_endpoint or meta.get("s3_endpoint")
+                run = self._meta.get(run_id) or RunRecord()
+                endpoint = self.settings.s3_endpoint or run.s3_endpoint
                 self._storages[key] = open_output(root, endpoint_url=endpoint)
             return self._storages[key]
 
     def indexes(self, run_id: str) -> list[ResultsIndex]:
         """The results indexes the run reads, its own output's first (jobs/results.py)."""
-        meta = self.meta(run_id)
-        return [ResultsIndex(self.root(uri, run_id)) for uri in meta.get("reuse_roots") or []]
+        return [ResultsIndex(self.root(uri, run_id)) for uri in self.meta(run_id).reuse_roots]
 
     def budget(self, scope: str) -> Budget:
         with self._lock:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import time
 
-from jobs.records import FINAL, JobRecord
+from jobs.records import FINAL, JobRecord, JobState
 from manifests.models import micros_to_usd
 from workers.metrics import COST, FINISHED, JOB_SECONDS, POLLS, RATE_LIMITED, RETRIES, SUBMITS, UPLOADS
 
 log = logging.getLogger("seedream.jobs")
 
 
-def moved(rec: JobRecord, expect: str, to: str, *, cost_micros: int = 0, reason: str = "", error: str = "") -> None:
+def moved(
+    rec: JobRecord, expect: JobState, to: JobState, *, cost_micros: int = 0, reason: str = "", error: str = ""
+) -> None:
     """The job went from `expect` to `to` (the transition was made, once)."""
     extra: dict[str, object] = {"event": "transition", "from_state": expect, "to_state": to}
     if reason:

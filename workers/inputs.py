@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from jobs.control import AUTH, refused_by
 from jobs.records import JobRecord
@@ -23,6 +22,7 @@ from manifests.errors import AuthError, RateLimited, ServiceError, StorageError,
 from manifests.images import NotAnImage, inspect
 from workers import events
 from workers.context import Context
+from workers.turn import Turn, Wait
 
 log = logging.getLogger("seedream.jobs")
 
@@ -35,11 +35,12 @@ class InputFailed:
     reason: str
 
 
-def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[str] | float | InputFailed:
+def prepare_inputs(t: Turn) -> list[str] | Wait | InputFailed:
     """Each input as a URL or an `s3://` URI to presign at submit time (staging or uploading
-    local files first); a countdown when the job must come back, or why it cannot run."""
-    presign = meta.get("inputs_mode", "upload") != "upload"  # a run started before: as it began
-    stage = str(meta.get("inputs_stage") or "") if presign else ""
+    local files first); a wait when the job must come back, or why it cannot run."""
+    ctx, run, rec = t.ctx, t.run, t.job
+    presign = run.inputs_mode != "upload"  # a run started before: as it began
+    stage = run.inputs_stage if presign else ""
     urls: list[str] = []
     for ref in rec.spec.images:
         if ref.kind == "url" or (ref.kind == "s3" and presign):
@@ -52,7 +53,7 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
             if n >= ctx.settings.max_attempts or isinstance(exc, FileNotFoundError):
                 return InputFailed(f"input {ref.value} cannot be read: {exc}", "input")
             events.retry(rec, "read_input", n, str(exc))
-            return backoff(n)
+            return Wait(backoff(n))
         sha = hashlib.sha256(data).hexdigest()
         if stage:
             staged = _stage(ctx, rec, stage, ref.value, sha, data)
@@ -65,25 +66,25 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
             urls.append(value)
             continue
         if verdict == "wait":
-            return 0.3  # another job is uploading the same photo
+            return Wait(0.3)  # another job is uploading the same photo
         if verdict == "taken_over":
             log.warning("upload of %s claimed %ss ago, not done; uploading it here", ref.value, value[:6])
         try:
             later = ctx.limiter.take("upload")
             if later:
                 ctx.uploads.release(rec.run_id, sha)
-                return later
+                return Wait(later)
             try:
                 info = inspect(data, decode=False)
             except NotAnImage as exc:
                 ctx.uploads.release(rec.run_id, sha)
                 return InputFailed(f"input {ref.value} is not an image: {exc}", "input")
-            url = ctx.client(meta["api_base"]).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
+            url = ctx.client(run.api_base).upload(f"{sha[:24]}.{info.extension}", data, info.content_type)
         except RateLimited as exc:
             ctx.uploads.release(rec.run_id, sha)
             ctx.limiter.cool_down("upload", exc.retry_after)
             events.rate_limited(rec, "upload", exc.retry_after)
-            return exc.retry_after or 1.0
+            return Wait(exc.retry_after or 1.0)
         except AuthError as exc:  # no upload of this key (or this User-Agent) can get through
             ctx.uploads.release(rec.run_id, sha)
             ctx.control.halt(rec.run_id, refused_by(exc))
@@ -93,7 +94,7 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
             n = ctx.runs.incr(rec.run_id, rec.id, "attempts")
             if isinstance(exc, TransientError) and n < ctx.settings.max_attempts:
                 events.retry(rec, "upload", n, exc.message)
-                return backoff(n)
+                return Wait(backoff(n))
             return InputFailed(f"upload of {ref.value} failed: {exc}", "upload")
         ctx.uploads.store(rec.run_id, sha, url)
         ctx.runs.bump(rec.run_id, "uploads")
@@ -102,13 +103,13 @@ def prepare_inputs(ctx: Context, meta: dict[str, Any], rec: JobRecord) -> list[s
     return urls
 
 
-def _stage(ctx: Context, rec: JobRecord, root: str, value: str, sha: str, data: bytes) -> str | float | InputFailed:
+def _stage(ctx: Context, rec: JobRecord, root: str, value: str, sha: str, data: bytes) -> str | Wait | InputFailed:
     """The file at `<root>/<sha256>.<ext>`, put there unless it already is; its s3:// URI."""
     verdict, cached = ctx.uploads.claim(rec.run_id, f"stage-{sha}")
     if verdict == "url":
         return cached
     if verdict == "wait":
-        return 0.3  # another job is staging the same photo
+        return Wait(0.3)  # another job is staging the same photo
     try:
         info = inspect(data, decode=False)
     except NotAnImage as exc:
@@ -128,7 +129,7 @@ def _stage(ctx: Context, rec: JobRecord, root: str, value: str, sha: str, data: 
         if n >= ctx.settings.max_attempts:
             return InputFailed(f"input {value} could not be staged in {root}: {exc}", "input")
         events.retry(rec, "stage_input", n, str(exc))
-        return backoff(n)
+        return Wait(backoff(n))
     uri = storage.uri(key)
     ctx.uploads.store(rec.run_id, f"stage-{sha}", uri)
     return uri

@@ -15,6 +15,8 @@ from prometheus_client import Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from jobs.records import RunRecord
+
 log = logging.getLogger("seedream.metrics")
 
 SUBMITS = Counter(
@@ -55,15 +57,16 @@ class RedisState(Collector):
         slots = GaugeMetricFamily("seedream_in_flight_slots", "Predictions in flight for this API key.")
         try:
             for run_id in self.ctx.runs.active_runs():
-                meta = self.ctx.runs.run_meta(run_id) or {}
+                run = self.ctx.runs.run_meta(run_id) or RunRecord()
                 counts = self.ctx.runs.counts(run_id)
-                total = int(meta.get("total") or 0)
+                total = run.total or 0
                 for state in ("succeeded", "failed", "skipped", "uncertain"):
                     jobs.add_metric([run_id, state], counts.get(state, 0))
                 jobs.add_metric([run_id, "in_progress"], max(0, total - counts.get("finished", 0)))
-                state = self.ctx.budget(str(meta.get("budget_scope") or run_id)).state()
+                scope = run.budget_scope or run_id
+                state = self.ctx.budget(scope).state()
                 if state.cap_micros is not None:
-                    budget.add_metric([str(meta.get("budget_scope") or run_id)], state.remaining_micros / 1e6)
+                    budget.add_metric([scope], state.remaining_micros / 1e6)
             slots.add_metric([], self.ctx.slots.in_use())
         except Exception as exc:  # a scrape must never take the worker down
             log.warning("metrics: Redis state not read: %s", exc)

@@ -39,8 +39,8 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
     redriven = 0
     try:
         for run_id in ctx.runs.active_runs():
-            meta = ctx.runs.run_meta(run_id)
-            if meta is None:
+            run = ctx.runs.run_meta(run_id)
+            if run is None:
                 ctx.runs.set_active(run_id, False)
                 continue
             for job_id in ctx.runs.overdue(run_id, now - grace):
@@ -51,7 +51,7 @@ def sweep(ctx: Context, *, grace: float | None = None, now: float | None = None)
                 token = uuid.uuid4().hex
                 ctx.runs.force_token(run_id, job_id, token)
                 ctx.runs.set_due(run_id, job_id, now)
-                send_job(run_id, job_id, token, queue=queue_for(meta, rec.state))
+                send_job(run_id, job_id, token, queue=queue_for(run, rec.state))
                 ctx.runs.bump(run_id, "redriven")
                 redriven += 1
                 extra = {"run_id": run_id, "job_id": job_id, "event": "redriven", "status": rec.state}

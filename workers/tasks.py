@@ -16,13 +16,15 @@ from typing import Any
 from jobs.logs import job_context
 from jobs.records import PENDING
 from jobs.report import write_run_report
+from jobs.retry import backoff
 from jobs.thumbs import input_reader
 from manifests.errors import NotifyError, StateError, StorageError
 from workers import notify
 from workers.celery_app import app
 from workers.context import Context, get_context
 from workers.dispatch import FINALIZE_TASK, JOB_TASK, NOTIFY_TASK, admit, publish, queue_for, send_job, send_notify
-from workers.steps import STALE, drive
+from workers.steps import drive
+from workers.turn import Done, Next, Stale, StepResult, Wait
 
 log = logging.getLogger("seedream.tasks")
 
@@ -69,9 +71,10 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
     just submitted, the (job, token, state) of a job let in after it, for the caller to start."""
     with job_context(run_id, job_id):
         submitted = False
+        result: StepResult
         try:
             outcome = drive(ctx, run_id, job_id, token, due_at=time.time() + ctx.settings.step_lease)
-            countdown, submitted = outcome.countdown, outcome.submitted
+            result, submitted = outcome.result, outcome.submitted
         except StateError:
             raise  # the caller knows which message to retry
         except Exception:
@@ -79,26 +82,35 @@ def _step(ctx: Context, run_id: str, job_id: str, token: str) -> tuple[str, str,
             n = ctx.runs.incr(run_id, job_id, "crashes")
             if n > 20:
                 return None
-            countdown = min(60.0, 2.0**n)
-        if countdown == STALE:
-            return None  # another message drives this job
-        if countdown is None:
-            return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
-        new = uuid.uuid4().hex
-        wait = max(0.0, countdown)
-        if wait > ctx.settings.longest_countdown:  # the broker cannot hold it: the job sleeps in Redis
-            ctx.runs.update(run_id, job_id, wake_at=repr(time.time() + wait))
-            wait = ctx.settings.longest_countdown
-        state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
-        if state is not None:
-            queue = queue_for(ctx.meta(run_id), state)
-            send_job(run_id, job_id, new, countdown=wait, queue=queue)
-            ctx.runs.commit_token(run_id, job_id, token, new)
-            log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
-                      extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
+            result = Wait(backoff(n, 2.0, 60.0))
+        match result:
+            case Stale():
+                return None  # another message drives this job
+            case Done():
+                return admit(ctx, run_id, done=job_id, keep_one=True)  # out of the window: let the next in
+            case Wait(seconds):
+                _hand_on(ctx, run_id, job_id, token, seconds)
+            case Next():
+                _hand_on(ctx, run_id, job_id, token, 0.0)
     if submitted:  # its place in the ready part is free: the next job goes on in this thread
         return admit(ctx, run_id, keep_one=True)
     return None
+
+
+def _hand_on(ctx: Context, run_id: str, job_id: str, token: str, countdown: float) -> None:
+    """Publish the job's next message, due in `countdown` seconds, under a new token."""
+    new = uuid.uuid4().hex
+    wait = max(0.0, countdown)
+    if wait > ctx.settings.longest_countdown:  # the broker cannot hold it: the job sleeps in Redis
+        ctx.runs.update(run_id, job_id, wake_at=repr(time.time() + wait))
+        wait = ctx.settings.longest_countdown
+    state = ctx.runs.announce_token(run_id, job_id, token, new, time.time() + wait)
+    if state is not None:
+        queue = queue_for(ctx.meta(run_id), state)
+        send_job(run_id, job_id, new, countdown=wait, queue=queue)
+        ctx.runs.commit_token(run_id, job_id, token, new)
+        log.debug("job %s/%s: next step in %.2fs on %s", run_id, job_id, wait, queue,
+                  extra={"event": "scheduled", "countdown": round(wait, 3), "status": state})  # fmt: skip
 
 
 @app.task(name=FINALIZE_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -116,12 +128,12 @@ def finalize_run(self, run_id: str) -> None:  # type: ignore[no-untyped-def]
              extra={"run_id": run_id, "event": "run_finished", "status": summary["outcome"],
                     "cost_usd": summary["total_cost_usd"]})  # fmt: skip
     if _notify_url(ctx, run_id):
-        send_notify(run_id, summary, ctx.meta(run_id).get("queue") or None)
+        send_notify(run_id, summary, ctx.meta(run_id).queue or None)
 
 
 def _notify_url(ctx: Context, run_id: str) -> str:
     """The run's own webhook (run --notify), else this worker's SEEDREAM_NOTIFY_URL."""
-    return str(ctx.meta(run_id).get("notify_url") or ctx.settings.notify_url or "")
+    return ctx.meta(run_id).notify_url or ctx.settings.notify_url or ""
 
 
 @app.task(name=NOTIFY_TASK, bind=True, acks_late=True, ignore_result=True, max_retries=None)
@@ -137,7 +149,7 @@ def notify_run(self, run_id: str, summary: dict[str, Any]) -> None:  # type: ign
     except NotifyError as exc:
         if tried < attempts:
             log.warning("run %s: webhook not told (%s); try %d of %d", run_id, exc, tried, attempts, extra=extra)
-            raise self.retry(countdown=min(60.0, 2.0 ** (tried - 1))) from None
+            raise self.retry(countdown=backoff(tried, 1.0, 60.0)) from None
         log.error("run %s: webhook not told after %d tries (%s); the run is unaffected", run_id, tried, exc,
                   extra=extra)  # fmt: skip
         ctx.runs.set_run(run_id, notified=f"failed after {tried} tries: {exc}")
