@@ -37,6 +37,7 @@ from jobs.records import (
     SUBMITTED,
     UNCERTAIN,
     JobRecord,
+    JobState,
     RunRecord,
     RunStore,
 )
@@ -626,7 +627,7 @@ class Runs:
                     todo.append(jid)
                 elif kind is Restore.ENDED:
                     self.store.update(run_id, jid, **fields)
-                    ended = str(rec["state"])  # one of FINAL
+                    ended = JobState(rec["state"])  # one of FINAL
                     self.store.transition(run_id, jid, PENDING, ended, bump="reused" if fields["reused_from"] else "")
                     if cost:
                         budget.settle(entry, cost)

@@ -32,6 +32,7 @@ from workers import dispatch, events, steps
 from workers.atlas import Downloaded, Submitted
 from workers.context import Context
 from workers.prediction import Prediction, State
+from workers.turn import Done, Stale, Wait
 
 API_BASE = "http://atlas.invalid/api/v1"
 JOB, TOKEN = "sku-1", "0"
@@ -91,13 +92,12 @@ class Harness:
     def drive(self, token: str = TOKEN) -> str:
         """One message for the job; what it asked for next: 'later' (another message after a
         countdown), 'done' (no more messages) or 'stale' (it does not drive the job)."""
-        out = steps.drive(self.ctx, self.run_id, JOB, token, due_at=0.0)
-        wait = getattr(out, "countdown", out)
-        if wait is None:
+        result = steps.drive(self.ctx, self.run_id, JOB, token, due_at=0.0).result
+        if isinstance(result, Done):
             return "done"
-        if wait == steps.STALE:
+        if isinstance(result, Stale):
             return "stale"
-        assert isinstance(wait, float) and wait >= 0, out
+        assert isinstance(result, Wait) and result.seconds >= 0, result
         return "later"
 
     def job(self) -> JobRecord:
@@ -106,7 +106,7 @@ class Harness:
         return rec
 
     def budget(self) -> BudgetState:
-        return self.ctx.budget(self.ctx.meta(self.run_id)["budget_scope"]).state()
+        return self.ctx.budget(self.ctx.meta(self.run_id).budget_scope).state()
 
     def counts(self) -> dict[str, int]:
         return self.ctx.runs.counts(self.run_id)
@@ -191,7 +191,7 @@ def test_a_submit_refused_with_a_4xx_fails_unpaid_and_gives_the_reservation_back
 def test_a_429_on_submit_waits_again_and_is_not_counted_as_sent(h: Harness) -> None:
     h.atlas.submits.append(RateLimited("rate limit exceeded", retry_after=3.0))
     out = steps.drive(h.ctx, h.run_id, JOB, TOKEN, due_at=0.0)
-    assert getattr(out, "countdown", out) == 3.0  # the service's Retry-After
+    assert out.result == Wait(3.0)  # the service's Retry-After
     job = h.job()
     assert (job.state, job.posted_at, job.attempts) == (PENDING, None, 0)
     assert stored_record(h.folder)["state"] == PENDING  # a resume from storage will not call it sent
@@ -221,7 +221,7 @@ def test_a_sender_lost_after_its_post_left_is_uncertain_without_a_second_post(
     """A worker died between the POST and its answer: the job is `submitting` with its POST marked
     sent, and storage holds no prediction id. The next message ends it uncertain, never resends."""
     ctx, run_id = h.ctx, h.run_id
-    budget = ctx.budget(ctx.meta(run_id)["budget_scope"])
+    budget = ctx.budget(ctx.meta(run_id).budget_scope)
     assert budget.reserve(steps.entry(h.job()), h.reservation())
     assert ctx.runs.claim(run_id, JOB, TOKEN) == "ok"
     assert ctx.runs.mark_posted(run_id, JOB, TOKEN, ctx.control.key(run_id), budget.keys[0]) == "ok"
@@ -241,7 +241,7 @@ def test_a_sender_answered_after_its_job_was_ended_uncertain_adopts_the_predicti
     def ended_meanwhile() -> None:
         cost = str(h.reservation())
         assert ctx.runs.transition(run_id, JOB, SUBMITTING, UNCERTAIN, cost_micros=cost) == "ok"
-        ctx.budget(ctx.meta(run_id)["budget_scope"]).settle(steps.entry(h.job()), int(cost))
+        ctx.budget(ctx.meta(run_id).budget_scope).settle(steps.entry(h.job()), int(cost))
 
     h.atlas.on_submit = ended_meanwhile
     assert h.drive() == "later"
