@@ -132,7 +132,10 @@ class Project:
         cmds0, msgs0 = int(r.info("stats")["total_commands_processed"]), task_messages(r)
         t0 = time.monotonic()
         started = subprocess.run(
-            [EXE, "run", str(manifest), "--output", str(out), "--no-wait", "--allow-bulk-upload"], env=self.env, capture_output=True, text=True
+            [EXE, "run", str(manifest), "--output", str(out), "--no-wait", "--allow-bulk-upload"],
+            env=self.env,
+            capture_output=True,
+            text=True,
         )
         if started.returncode != 0:
             raise RuntimeError(started.stderr)
