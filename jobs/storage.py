@@ -270,7 +270,11 @@ def open_storage(output: str, run_id: str, *, endpoint_url: str | None = None) -
 
 
 def open_output(output: str, *, under: str = "", endpoint_url: str | None = None) -> Storage:
-    """The output itself (or a folder `under` it): `doctor` probes here what every run will need."""
+    """The output itself (or a folder `under` it): `doctor` probes here what every run will need.
+    An empty output is refused: read as a folder it would be the working directory of whoever
+    opened it, and a paid result written there is lost to the run."""
+    if not output.strip():
+        raise ConfigError("no output given: a run writes to --output (a folder or s3://bucket/prefix)")
     if output.startswith("s3://"):
         parts = urlsplit(output)
         if not parts.netloc:

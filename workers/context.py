@@ -73,23 +73,31 @@ class Context:
             return self._clients[api_base]
 
     def storage(self, run_id: str) -> Storage:
+        """The run's own store. The run is read first (from Redis when this process has not seen
+        it): a worker whose first message of a run is its finalize must write where the run
+        writes, never to a folder made of an empty output under its working directory."""
+        with self._lock:
+            if run_id in self._storages:
+                return self._storages[run_id]
+        run = self.meta(run_id)
+        # This host's own endpoint first: the name that reaches the bucket can differ per host
+        # (a private endpoint, a local gateway); the submitting machine's is the fallback.
+        endpoint = self.settings.s3_endpoint or run.s3_endpoint
         with self._lock:
             if run_id not in self._storages:
-                run = self._meta.get(run_id) or RunRecord()
-                # This host's own endpoint first: the name that reaches the bucket can differ per host
-                # (a private endpoint, a local gateway); the submitting machine's is the fallback.
-                endpoint = self.settings.s3_endpoint or run.s3_endpoint
                 self._storages[run_id] = open_storage(run.output, run_id, endpoint_url=endpoint)
             return self._storages[run_id]
 
     def root(self, root: str, run_id: str) -> Storage:
         """A store that is not a run's own: where local inputs are staged (`<output>/inputs/` or
         the inputs bucket), or an output whose results index the run reads."""
+        key = f"root:{root}"
         with self._lock:
-            key = f"root:{root}"
+            if key in self._storages:
+                return self._storages[key]
+        endpoint = self.settings.s3_endpoint or self.meta(run_id).s3_endpoint
+        with self._lock:
             if key not in self._storages:
-                run = self._meta.get(run_id) or RunRecord()
-                endpoint = self.settings.s3_endpoint or run.s3_endpoint
                 self._storages[key] = open_output(root, endpoint_url=endpoint)
             return self._storages[key]
 
