@@ -411,38 +411,15 @@ class RunStore:
     def keys(self, run_id: str) -> RunKeys:
         return RunKeys(self.prefix, run_id)
 
-    def run_key(self, run_id: str) -> str:
-        return self.keys(run_id).run
-
-    def job_key(self, run_id: str, job_id: str) -> str:
-        return self.keys(run_id).job(job_id)
-
-    def counts_key(self, run_id: str) -> str:
-        return self.keys(run_id).counts
-
-    def list_key(self, run_id: str) -> str:
-        return self.keys(run_id).jobs
-
-    def backlog_key(self, run_id: str) -> str:
-        return self.keys(run_id).backlog
-
-    def due_key(self, run_id: str) -> str:
-        return self.keys(run_id).due
-
-    def ready_key(self, run_id: str) -> str:
-        return self.keys(run_id).ready
-
-    def finalized_key(self, run_id: str) -> str:
-        return self.keys(run_id).finalized
-
     @translated
     def reopen_run(self, run_id: str) -> None:
         """A job of an ended run is open again: the run is active (the watchdog watches it) and
         its report is written anew when its last job ends."""
+        k = self.keys(run_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.delete(self.finalized_key(run_id))
+        pipe.delete(k.finalized)
         pipe.sadd(self.active_key, run_id)
-        pipe.hset(self.run_key(run_id), "report_written", "false")
+        pipe.hset(k.run, "report_written", "false")
         pipe.execute()
 
     @property
@@ -451,15 +428,15 @@ class RunStore:
 
     @translated
     def set_due(self, run_id: str, job_id: str, when: float) -> None:
-        self.client.zadd(self.due_key(run_id), {job_id: when})
+        self.client.zadd(self.keys(run_id).due, {job_id: when})
 
     @translated
     def clear_due(self, run_id: str, job_id: str) -> None:
-        self.client.zrem(self.due_key(run_id), job_id)
+        self.client.zrem(self.keys(run_id).due, job_id)
 
     @translated
     def overdue(self, run_id: str, before: float, limit: int = 200) -> list[str]:
-        return [str(x) for x in self.client.zrangebyscore(self.due_key(run_id), "-inf", before, start=0, num=limit)]
+        return [str(x) for x in self.client.zrangebyscore(self.keys(run_id).due, "-inf", before, start=0, num=limit)]
 
     @translated
     def active_runs(self) -> list[str]:
@@ -475,33 +452,33 @@ class RunStore:
     @translated
     def force_token(self, run_id: str, job_id: str, token: str) -> None:
         """Take the job away from any message in flight (the reaper and resume do this)."""
-        self.client.hset(self.job_key(run_id, job_id), mapping={"token": token, "next_token": ""})
+        self.client.hset(self.keys(run_id).job(job_id), mapping={"token": token, "next_token": ""})
 
     # -- runs --------------------------------------------------------------------------------
     @translated
     def create_run(self, run_id: str, meta: Mapping[str, Any]) -> bool:
         """Register a run; False if one with this id is already known (ids are never reused)."""
-        created = self.client.hsetnx(self.run_key(run_id), "created_at", repr(time.time()))
+        created = self.client.hsetnx(self.keys(run_id).run, "created_at", repr(time.time()))
         if created:
-            self.client.hset(self.run_key(run_id), mapping={k: json.dumps(v) for k, v in meta.items()})
+            self.client.hset(self.keys(run_id).run, mapping={k: json.dumps(v) for k, v in meta.items()})
         return bool(created)
 
     @translated
     def run_meta(self, run_id: str) -> RunRecord | None:
-        raw = cast(dict[str, str], self.client.hgetall(self.run_key(run_id)))
+        raw = cast(dict[str, str], self.client.hgetall(self.keys(run_id).run))
         return RunRecord.from_redis(raw) if raw else None
 
     @translated
     def set_run(self, run_id: str, **fields: Any) -> None:
-        self.client.hset(self.run_key(run_id), mapping={k: json.dumps(v) for k, v in fields.items()})
+        self.client.hset(self.keys(run_id).run, mapping={k: json.dumps(v) for k, v in fields.items()})
 
     @translated
     def counts(self, run_id: str) -> dict[str, int]:
-        return {k: int(v) for k, v in cast(dict[str, str], self.client.hgetall(self.counts_key(run_id))).items()}
+        return {k: int(v) for k, v in cast(dict[str, str], self.client.hgetall(self.keys(run_id).counts)).items()}
 
     @translated
     def bump(self, run_id: str, name: str, by: int = 1) -> None:
-        self.client.hincrby(self.counts_key(run_id), name, by)
+        self.client.hincrby(self.keys(run_id).counts, name, by)
 
     @translated
     def add_jobs(
@@ -523,7 +500,7 @@ class RunStore:
         now = repr(time.time())
         for spec in specs:
             pipe.hset(
-                self.job_key(run_id, spec.id),
+                self.keys(run_id).job(spec.id),
                 mapping={
                     "state": state,
                     "spec": spec_to_json(spec),
@@ -537,16 +514,16 @@ class RunStore:
             )
             ids.append(spec.id)
         if ids:
-            pipe.rpush(self.list_key(run_id), *ids)
+            pipe.rpush(self.keys(run_id).jobs, *ids)
             if waiting:
-                pipe.rpush(self.backlog_key(run_id), *ids)
+                pipe.rpush(self.keys(run_id).backlog, *ids)
             pipe.sadd(self.active_key, run_id)
         pipe.execute()
         return ids
 
     @translated
     def job_ids(self, run_id: str, start: int = 0, stop: int = -1) -> list[str]:
-        return [str(x) for x in self.client.lrange(self.list_key(run_id), start, stop)]
+        return [str(x) for x in self.client.lrange(self.keys(run_id).jobs, start, stop)]
 
     def iter_job_ids(self, run_id: str, page: int = 1000) -> Iterator[str]:
         start = 0
@@ -560,7 +537,7 @@ class RunStore:
     # -- jobs --------------------------------------------------------------------------------
     @translated
     def get(self, run_id: str, job_id: str) -> JobRecord | None:
-        raw = cast(dict[str, str], self.client.hgetall(self.job_key(run_id, job_id)))
+        raw = cast(dict[str, str], self.client.hgetall(self.keys(run_id).job(job_id)))
         return _record(run_id, job_id, raw) if raw else None
 
     def iter_records(self, run_id: str, page: int = 500) -> Iterator[JobRecord]:
@@ -577,7 +554,7 @@ class RunStore:
     def get_many(self, run_id: str, job_ids: list[str]) -> list[JobRecord | None]:
         pipe = self.client.pipeline(transaction=False)
         for jid in job_ids:
-            pipe.hgetall(self.job_key(run_id, jid))
+            pipe.hgetall(self.keys(run_id).job(jid))
         rows = cast(list[dict[str, str]], pipe.execute())
         return [_record(run_id, jid, raw) if raw else None for jid, raw in zip(job_ids, rows, strict=True)]
 
@@ -600,13 +577,14 @@ class RunStore:
         args: list[Any] = [expect, to, repr(time.time()), "1" if to in FINAL else "0", bump, count, leaves]
         for k, v in fields.items():
             args += [k, v if isinstance(v, str) else json.dumps(v)]
-        keys = [self.job_key(run_id, job_id), self.counts_key(run_id), self.ready_key(run_id)]
+        rk = self.keys(run_id)
+        keys = [rk.job(job_id), rk.counts, rk.ready]
         return str(self._transition(keys=keys, args=args))
 
     @translated
     def update(self, run_id: str, job_id: str, **fields: Any) -> None:
         self.client.hset(
-            self.job_key(run_id, job_id),
+            self.keys(run_id).job(job_id),
             mapping={k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()},
         )
 
@@ -617,10 +595,11 @@ class RunStore:
         A failed job keeps its service outputs: a retry fetches them again, never resubmits.
         Returns how many jobs of the run have finished (the last one has the report written)."""
         drop = ["input_urls", "next_token"] + (["service_outputs", "error", "reason"] if succeeded else [])
+        k = self.keys(run_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(self.job_key(run_id, job_id), "record_written", "1")
-        pipe.hdel(self.job_key(run_id, job_id), *drop)
-        pipe.hget(self.counts_key(run_id), "finished")
+        pipe.hset(k.job(job_id), "record_written", "1")
+        pipe.hdel(k.job(job_id), *drop)
+        pipe.hget(k.counts, "finished")
         return int(pipe.execute()[-1] or 0)  # jobs of the run finished so far
 
     @translated
@@ -631,7 +610,7 @@ class RunStore:
         value of the key `flag` (a run's halt reason), in one round trip: this check sits between
         a rate-limited send time and the send, where every wait adds jitter."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(self.job_key(run_id, job_id), "state", "token")
+        pipe.hmget(self.keys(run_id).job(job_id), "state", "token")
         if flag:
             pipe.get(flag)
         got = pipe.execute()
@@ -640,14 +619,15 @@ class RunStore:
     @translated
     def count_poll(self, run_id: str, job_id: str) -> int:
         """One more poll, for the job and the run (one round trip); the job's count so far."""
+        k = self.keys(run_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.hincrby(self.job_key(run_id, job_id), "polls", 1)
-        pipe.hincrby(self.counts_key(run_id), "polls", 1)
+        pipe.hincrby(k.job(job_id), "polls", 1)
+        pipe.hincrby(k.counts, "polls", 1)
         return int(pipe.execute()[0])
 
     @translated
     def incr(self, run_id: str, job_id: str, name: str, by: int = 1) -> int:
-        return int(self.client.hincrby(self.job_key(run_id, job_id), name, by))
+        return int(self.client.hincrby(self.keys(run_id).job(job_id), name, by))
 
     # A job is driven by one chain of task messages. Each message carries a token; the next one
     # is announced before it is published and committed after, so a worker killed in between
@@ -655,7 +635,7 @@ class RunStore:
     @translated
     def announce_token(self, run_id: str, job_id: str, old: str, new: str, due_at: float) -> str | None:
         """The job's state, once `new` is announced as its next token; None if `old` no longer drives it."""
-        keys = [self.job_key(run_id, job_id), self.due_key(run_id)]
+        keys = [self.keys(run_id).job(job_id), self.keys(run_id).due]
         state = self._announce(keys=keys, args=[old, new, repr(due_at), job_id])
         return str(state) if state else None
 
@@ -663,7 +643,7 @@ class RunStore:
     def begin(self, run_id: str, job_id: str, token: str, due_at: float) -> JobRecord | None:
         """The job's record when this message may drive it (it holds the current or the announced
         next token), marked due by `due_at`; None for an unknown job or a stale message."""
-        keys = [self.job_key(run_id, job_id), self.due_key(run_id)]
+        keys = [self.keys(run_id).job(job_id), self.keys(run_id).due]
         flat = self._begin(keys=keys, args=[token, repr(due_at), job_id])
         if not flat:
             return None
@@ -671,7 +651,7 @@ class RunStore:
 
     @translated
     def commit_token(self, run_id: str, job_id: str, old: str, new: str) -> None:
-        self._commit(keys=[self.job_key(run_id, job_id)], args=[old, new])
+        self._commit(keys=[self.keys(run_id).job(job_id)], args=[old, new])
 
     @translated
     def reopen(
@@ -686,21 +666,21 @@ class RunStore:
     ) -> bool:
         """Take a final job back (retry-failed, resume, reconcile), undoing its counters; with
         `paid_again` its cost stays counted, as an earlier attempt's."""
-        keys = [self.job_key(run_id, job_id), self.counts_key(run_id)]
+        keys = [self.keys(run_id).job(job_id), self.keys(run_id).counts]
         return bool(int(self._reopen(keys=keys, args=[from_state, to_state, token, "1" if paid_again else "0"])))
 
     @translated
     def claim(self, run_id: str, job_id: str, token: str) -> str:
         """'ok' when this message (holding `token`) took the pending job for its submit; 'stale'
         when another message drives it; otherwise the state it is in."""
-        return str(self._claim(keys=[self.job_key(run_id, job_id)], args=[token, repr(time.time())]))
+        return str(self._claim(keys=[self.keys(run_id).job(job_id)], args=[token, repr(time.time())]))
 
     @translated
     def mark_posted(self, run_id: str, job_id: str, token: str, halt_key: str, budget_key: str) -> str:
         """'ok': the POST may leave now (and the job is marked as sent); 'lost': the job is no
         longer this message's; 'halted:<reason>': the run stopped its submits; 'budget:<why>':
         its budget stopped them."""
-        keys = [self.job_key(run_id, job_id), halt_key, budget_key]
+        keys = [self.keys(run_id).job(job_id), halt_key, budget_key]
         return str(self._post(keys=keys, args=[token, repr(time.time())]))
 
     @translated
@@ -708,7 +688,7 @@ class RunStore:
         """A claimed submit that never left is pending again; False if it left (or was not claimed).
         `refused`: the POST left but the service's answer proves nothing was created."""
         args = [repr(time.time()), "1" if refused else "0", "1" if uncount else "0"]
-        return bool(int(self._hand_back(keys=[self.job_key(run_id, job_id)], args=args)))
+        return bool(int(self._hand_back(keys=[self.keys(run_id).job(job_id)], args=args)))
 
 
 def _record(run_id: str, job_id: str, raw: Mapping[str, str]) -> JobRecord:

@@ -537,7 +537,7 @@ class Runs:
     def driven(self, run_id: str) -> int:
         """How many unfinished jobs of the run have a message due or a step under way (a job's due
         time is moved ahead each time a message takes it or is scheduled for it)."""
-        ids = [str(x) for x in self.redis.zrangebyscore(self.store.due_key(run_id), time.time(), "+inf")]
+        ids = [str(x) for x in self.redis.zrangebyscore(self.store.keys(run_id).due, time.time(), "+inf")]
         n = 0
         for start in range(0, len(ids), 500):
             n += sum(1 for r in self.store.get_many(run_id, ids[start : start + 500]) if r and not r.final)

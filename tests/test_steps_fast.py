@@ -298,7 +298,7 @@ def test_storage_failing_during_the_fetch_is_retried_and_the_paid_output_kept(
     assert h.drive() == "later"  # back off, then fetch again
     job = h.job()
     assert job.state == FETCHING and job.service_outputs == [OUTPUT] and job.price_micros == PRICE
-    assert h.ctx.redis.hget(h.ctx.runs.job_key(h.run_id, JOB), "store_attempts") == "1"
+    assert h.ctx.redis.hget(h.ctx.runs.keys(h.run_id).job(JOB), "store_attempts") == "1"
     assert h.budget().spent_micros == 0  # nothing settled while the output is not stored
     assert h.drive() == "done"
     job = h.job()
