@@ -35,8 +35,9 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     from dataclasses import replace
 
     from jobs.backlog import Backlog, sizes
-    from jobs.records import RunRecord, RunStore
+    from jobs.records import RunRecord
     from jobs.redisio import connect
+    from jobs.store import RunStore
     from workers.dispatch import publish
     from workers.slots import Slots
 

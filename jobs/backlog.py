@@ -22,8 +22,9 @@ from collections.abc import Iterable
 import redis
 
 from jobs.config import Limits
-from jobs.records import FINAL, PENDING, SUBMITTING, RunRecord, RunStore
+from jobs.records import FINAL, PENDING, SUBMITTING, RunRecord
 from jobs.redisio import script, translated
+from jobs.store import RunStore
 
 # Takes a job that ended out of the window, then pops jobs while the run has room; each one let
 # in is due now, so that if its message is never published (the publisher died), the watchdog

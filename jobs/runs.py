@@ -39,7 +39,6 @@ from jobs.records import (
     JobRecord,
     JobState,
     RunRecord,
-    RunStore,
 )
 from jobs.redisio import connect, looked_in
 from jobs.report import write_report, write_run_report
@@ -47,6 +46,7 @@ from jobs.restore import Restore, earlier_paid, restore_as
 from jobs.results import FINGERPRINT, Plan, reuse_roots
 from jobs.s3check import checked_scan, s3_header
 from jobs.storage import Storage, open_storage, stored_records
+from jobs.store import RunStore
 from jobs.thumbs import input_reader
 from manifests.errors import ConfigError, SeedreamError
 from manifests.models import ModelTable, micros_to_usd

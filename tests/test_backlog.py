@@ -9,7 +9,8 @@ import redis
 
 from jobs.backlog import Backlog
 from jobs.config import Limits
-from jobs.records import PENDING, SKIPPED, SUBMITTED, SUBMITTING, SUCCEEDED, RunStore
+from jobs.records import PENDING, SKIPPED, SUBMITTED, SUBMITTING, SUCCEEDED
+from jobs.store import RunStore
 from manifests.spec import JobSpec
 from tests.pipeline import Pipeline, catalog, run_id_of
 

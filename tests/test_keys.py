@@ -9,7 +9,7 @@ from jobs import keys
 from jobs.budget import Budget
 from jobs.claims import Claims
 from jobs.control import RunControl
-from jobs.records import RunStore
+from jobs.store import RunStore
 from workers.polling import PollTimes
 from workers.uploads import UploadCache
 
