@@ -1,4 +1,5 @@
-"""CLI commands that start and control runs; thin: parse, build settings, call jobs.runs."""
+"""CLI commands that start and control runs; thin: parse, build settings, call jobs.start, jobs.runs and
+jobs.recovery."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from cli.reuse import reuse_options
 from jobs.config import Limits, WorkerSettings
 from jobs.environment import install
 from jobs.inputs import InputsRefused
+from jobs.recovery import Recovery
 from jobs.report import MAX_PRESIGN_SECONDS
-from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
+from jobs.runs import Progress, Runs, report_from_storage
+from jobs.start import ManifestRefused, PreflightRefused, RunOptions, start_run
 from manifests.errors import ConfigError, SeedreamError
 from manifests.models import micros_to_usd, usd_to_micros
 
@@ -323,7 +326,7 @@ def retry_failed_command(run_id: str, pay_again: bool) -> None:
     runs = _runs()
     with _click_errors():
         admit = _admitter(runs.settings, runs.meta(run_id).queue or _queue())
-        n, held = runs.retry_failed(run_id, admit, pay_again=pay_again)
+        n, held = Recovery(runs).retry_failed(run_id, admit, pay_again=pay_again)
     click.echo(f"run {run_id}: {n} failed jobs enqueued again")
     if held:
         click.echo(f"{held} failed jobs were billed by the service; --pay-again resubmits them (and pays again)")
@@ -358,10 +361,12 @@ def resume_command(
     runs = _runs()
     with _click_errors():
         admit = _admitter(runs.settings, _queue())
-        source, n = runs.resume(run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint, force=force)
+        source, n = Recovery(runs).resume(
+            run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint, force=force
+        )
         click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
         if clear_halt:
-            lifted, again = runs.clear_halt(run_id, admit)
+            lifted, again = Recovery(runs).clear_halt(run_id, admit)
             what = "; ".join(lifted) if lifted else "no halt was set"
             click.echo(f"run {run_id}: halt lifted ({what}); {again} skipped jobs enqueued again")
     if wait if wait is not None else sys.stdout.isatty():
@@ -391,7 +396,7 @@ def reconcile_command(run_id: str, output: str | None, s3_endpoint: str | None, 
         meta = runs.store.run_meta(run_id)
         polled: int | None = None
         if meta is not None:
-            polled = runs.reconcile(run_id, _admitter(runs.settings, meta.queue or _queue()))
+            polled = Recovery(runs).reconcile(run_id, _admitter(runs.settings, meta.queue or _queue()))
         source, records, created_at = run_records(runs.store, run_id, output, s3_endpoint)
         atlas = runs.settings.atlas
         with AtlasClient(atlas.with_(api_base=(meta.api_base if meta else "") or atlas.api_base)) as client:

@@ -498,7 +498,7 @@ def test_a_claim_left_by_an_ended_holder_is_taken_over_at_once(
     of waiting out the lease, submits, and the edit is made once more: one prediction in all."""
     from jobs.config import WorkerSettings
     from jobs.records import FAILED, PENDING, SUBMITTED
-    from jobs.runs import RunOptions, start_run
+    from jobs.start import RunOptions, start_run
     from workers import steps
     from workers.context import Context
 
