@@ -1,5 +1,5 @@
-"""Adversarial scenarios for results reuse (jobs/results.py, jobs/claims.py, workers/steps.py
-`_reuse`): real Celery workers and the CLI as processes, real Redis, the sandbox over HTTP.
+"""Adversarial scenarios for results reuse (jobs/results.py, jobs/claims.py, workers/reuse.py
+`reuse`): real Celery workers and the CLI as processes, real Redis, the sandbox over HTTP.
 
 Each test states the money invariant it holds to, under an interleaving that once broke it or
 that was tried to break it.
