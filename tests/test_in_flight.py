@@ -54,18 +54,41 @@ def test_a_push_back_shrinks_once_then_grows_carefully_and_is_forgotten(
     assert cap > 24 and s.acquire("new") > 0
     for h in held[:8]:
         s.release(h)  # 24 in use of 24
-    caps = [s.accepted(held[8]) for _ in range(26)]  # one slot per ~24 accepted
-    assert 25.0 < caps[-1] < 25.2
+    caps = [s.accepted(held[8]) for _ in range(7)]  # below the 28 refused: RECOVER slots per ~24 accepted
+    assert 25.0 < caps[-1] < 25.3
     fill(s, 1, "y")  # 25 in use of 25
     caps = [s.accepted(held[8]) for _ in range(300)]
-    assert caps[-1] == 27  # held one below the 28 refused
-    fill(s, 2, "z")
+    assert caps[-1] == 28  # held at the 28 refused, not above
+    fill(s, 3, "z")
     assert s.acquire("one-too-many") > 0
-    held_before = "z0"
+
+
+def test_a_refusal_near_the_level_refused_before_is_the_same_cap_and_one_well_below_cuts(
+    rconn: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service that caps at K refuses again whenever a probe (or fewer predictions ended and not
+    yet polled) reaches it: that holds the capacity at the level refused, without the cut a first
+    refusal costs. A refusal well below it means the service has less room: cut again."""
+    monkeypatch.setattr(slots_module, "CAREFUL", 3.0)
+    monkeypatch.setattr(slots_module, "CALM", 0.0)
+    s = Slots(rconn, "key", 1000, 60.0, prefix=prefix)
+    held = fill(s, 32)
+    for h in held[:28]:
+        s.accepted(h)
+    assert s.pushed_back() == 24  # the first: 7/8 of the 28 the service held
+    for h in held[:2]:
+        s.release(h)  # 26 of ours at the service now
+    assert s.pushed_back() == 24  # refused at 26, near the 28: the same cap, no cut below 24
+    caps = [s.accepted(held[27]) for _ in range(100)]
+    assert caps[-1] == 26  # held at the level refused last
+    for h in held[2:20]:
+        s.release(h)  # 8 of ours at the service, well under 7/8 of 26
+    assert s.pushed_back() == 7  # less room than before: cut again
+    for h in held[20:]:
+        s.release(h)
     wait_for(lambda: not s.scarce(refresh=0), timeout=slots_module.CAREFUL + 5, what="the push-back to be forgotten")
-    assert s.acquire(held_before) == 0.0
-    assert s.in_use() == 27
-    assert s.acquire("after") == 0.0 and s.capacity(refresh=0) == 28  # all taken: the next gets one again
+    fill(s, s.capacity(refresh=0) - s.in_use(), "w")  # all taken
+    assert s.acquire("after") == 0.0 and s.capacity(refresh=0) == s.in_use()  # the next gets one again
 
 
 def test_the_ceiling_holds(rconn: redis.Redis, prefix: str) -> None:
@@ -113,7 +136,7 @@ def test_with_defaults_a_run_takes_as_many_in_flight_as_its_rate_needs(
 def test_a_service_that_caps_in_flight_is_met_near_its_cap(
     sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, rconn: redis.Redis
 ) -> None:
-    """The service refuses a 7th prediction at once: the capacity settles just under 6 after one
+    """The service refuses a 7th prediction at once: the capacity settles near 6 after one
     push-back (and a few submits already on their way), and every job succeeds once."""
     sandbox.reset(delay="fixed:1.5", submit_rate=25, max_in_flight=6)
     run_id, counts, acc = _run_with_defaults(sandbox, redis_url, prefix, tmp_path, 60, 8)
@@ -121,6 +144,7 @@ def test_a_service_that_caps_in_flight_is_met_near_its_cap(
     assert acc["created"] == 60 and acc["duplicate_fingerprints"] == []
     assert 1 <= acc["rejected_in_flight"] <= 6, acc["rejected_in_flight"]
     key = next(k for k in rconn.scan_iter(f"{prefix}:slots:*:aimd"))
-    assert 4 <= float(rconn.hget(key, "cap") or 0) <= 6
+    # at most the level refused: 6 of ours running, and one that had ended and was not yet polled
+    assert 4 <= float(rconn.hget(key, "cap") or 0) <= 7
     report = json.loads((tmp_path / "out" / run_id / "summary.json").read_text())
     assert report["counts"]["succeeded"] == 60

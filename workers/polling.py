@@ -40,7 +40,7 @@ from jobs.redisio import script, translated
 AGAIN_FRACTION = 0.3  # before the run has learned anything: again after 30% of the time taken
 DEFAULT_FIRST = 2.0
 BASE_BUDGET = 1.8  # expected polls a job while the rate, not the slots, holds the run back
-EAGER = 5.0  # the most a job may spend while slots are scarce
+EAGER = 8.0  # the most a job may spend while slots are scarce
 POLL_SHARE = 0.85  # of the poll rate: the rest absorbs jobs polled before the run learned anything
 PRIOR_VAR = 0.25  # sigma 0.5 in log space until the run has seen some spread
 MIN_VAR = 0.05**2  # identical times must not make the spread exactly zero

@@ -19,11 +19,17 @@ when it pushes back, additive increase and multiplicative decrease, as TCP finds
   has accepted and not yet been seen to finish (never up), once per CALM seconds: the submits
   already on their way when the service said no are one event. A job still waiting to submit
   when the capacity shrank gives its slot up when it next asks;
+- a push-back within CAREFUL seconds of another, at no less than BACK_OFF times the level refused
+  then, is the same cap found again (by a probe, or with fewer predictions ended and not yet
+  polled), not a service with less room: the capacity goes to the level now refused, no cut. Only
+  the first refusal, or one well below the last, costs an eighth;
 - for CAREFUL seconds after a push-back, an accepted submit while the slots were (nearly: within
-  an eighth) all taken adds 1/capacity of a slot (one slot per capacity's worth of submits), and
-  for HOLD seconds no higher than one below the level refused: a service that caps at K is kept
-  just under K, probed once a minute, not refused every few seconds. A stray 429 costs ten
-  minutes of careful growth, not a run.
+  an eighth) all taken adds 1/capacity of a slot (one slot per capacity's worth of submits;
+  RECOVER of them up to the level refused, which the service took a moment before), and
+  for HOLD seconds no higher than the level refused: a service that caps at K refused with K of
+  ours running and a few ended that we had not yet polled, so holding there keeps it at K less
+  those few, probed once a minute, not refused every few seconds. A stray 429 costs ten minutes
+  of careful growth, not a run.
 
 Growing only while the slots are all taken keeps the capacity near what is used: a run held back
 by the rate alone never builds up a capacity it has not tried. A user's `--max-in-flight` is the
@@ -41,8 +47,9 @@ from jobs.keys import slots as slots_key
 from jobs.redisio import DEFAULT_PREFIX, script, translated
 
 START = 16  # the capacity before the run has heard from the service
-BACK_OFF = 0.875  # after a push-back from a service that caps at K: 7/8 K, growing back to K - 1
+BACK_OFF = 0.875  # after a first push-back from a service that caps at K: 7/8 K, growing back to K
 CALM = 2.0
+RECOVER = 4  # slots per capacity's worth of accepted submits, back up to the level refused
 HOLD = 60.0
 CAREFUL = 600.0
 
@@ -96,6 +103,9 @@ return {0, tostring(tonumber(first[2]) - now)}
 # and a capacity that starts above the service's cap would otherwise come down a step per CALM.
 _ADJUST = (
     _NOW_AND_CAP
+    + f"""
+local RECOVER = {RECOVER}
+"""
     + """
 local used = redis.call('ZCARD', KEYS[1])
 local f = redis.call('HMGET', KEYS[2], 'refused_at', 'hold_until', 'careful_until', 'calm_until')
@@ -104,15 +114,23 @@ if ARGV[3] == 'grow' then
   if lease then redis.call('ZADD', KEYS[3], lease, ARGV[8]) end
   if tonumber(f[3] or '0') < now or used < cap - math.max(2, cap / 8) then return tostring(cap) end
   local limit = ceiling
-  if tonumber(f[2] or '0') > now then limit = math.min(ceiling, tonumber(f[1]) - 1) end
+  if tonumber(f[2] or '0') > now then limit = math.min(ceiling, tonumber(f[1])) end
   if cap >= limit then return tostring(cap) end
-  cap = math.min(cap + 1 / cap, limit)
+  local step = 1
+  if cap < tonumber(f[1] or '0') then step = RECOVER end
+  cap = math.min(cap + step / cap, limit)
   redis.call('HSET', KEYS[2], 'cap', string.format('%.6f', cap))
 else
   if tonumber(f[4] or '0') > now then return tostring(cap) end
-  local serving = redis.call('ZCARD', KEYS[3])
-  cap = math.max(1, math.min(cap, math.floor(serving * tonumber(ARGV[4]))))
-  redis.call('HSET', KEYS[2], 'cap', string.format('%.6f', cap), 'refused_at', tostring(math.max(serving, 1)),
+  local serving = math.max(redis.call('ZCARD', KEYS[3]), 1)
+  if tonumber(f[3] or '0') > now and serving >= math.floor(tonumber(f[1] or '0') * tonumber(ARGV[4])) then
+    -- refused again near the level refused before: the service's cap found once more (by a probe,
+    -- or with fewer predictions ended and not yet polled), not a service with less room: held there
+    cap = math.min(cap, serving)
+  else
+    cap = math.max(1, math.min(cap, math.floor(serving * tonumber(ARGV[4]))))
+  end
+  redis.call('HSET', KEYS[2], 'cap', string.format('%.6f', cap), 'refused_at', tostring(serving),
              'hold_until', tostring(now + tonumber(ARGV[6])), 'careful_until', tostring(now + tonumber(ARGV[7])),
              'calm_until', tostring(now + tonumber(ARGV[5])), 'pushed_back_at', tostring(now))
   redis.call('HINCRBY', KEYS[2], 'push_backs', 1)
