@@ -46,13 +46,13 @@ def doctor_command(
         sys.exit(EXIT_ERROR)
     inputs = Inputs(
         redis_url=settings.redis_url,
-        broker_url=settings.resolved.broker_url or settings.redis_url,
+        broker_url=settings.broker_url or settings.redis_url,
         output=output,
         s3_endpoint=s3_endpoint,
         manifest=manifest,
         models_file=models_file,
         has_key=bool(settings.atlas.api_key),
-        allow_internal_urls=settings.resolved.allow_internal_urls,
+        allow_internal_urls=settings.allow_internal_urls,
     )
     report = diagnose(inputs, lambda: AtlasClient(settings.atlas))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render_text())

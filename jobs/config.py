@@ -206,9 +206,9 @@ class WorkerSettings:
     step_lease: float = 180.0  # a step ends well within this; past it, the watchdog may take the job over
     notify_url: str = field(default="", repr=False)  # the webhook of runs that name none (a secret)
     notify_attempts: int = 5
-    # What these were built from, for the settings read only where they are used (e.g.
-    # allow_internal_urls, refused only by the commands that check inputs).
-    resolved: Settings = field(default_factory=lambda: resolve({}, read_config=False), repr=False, compare=False)
+    broker_url: str = field(default="", repr=False)  # the Celery broker, if not redis_url (a secret)
+    models_file: str = ""  # a JSON file overriding the model table (a run may name its own)
+    allow_internal_urls: bool = False  # input URLs at internal addresses pass validation
 
     @property
     def longest_countdown(self) -> float:
@@ -232,7 +232,9 @@ class WorkerSettings:
             input_link_ttl=_link_ttl(settings.input_link_ttl),
             notify_url=settings.notify_url,
             notify_attempts=max(1, settings.notify_attempts),
-            resolved=settings,
+            broker_url=settings.broker_url,
+            models_file=settings.models_file,
+            allow_internal_urls=settings.allow_internal_urls,
         )
 
     @classmethod

@@ -136,7 +136,7 @@ def start_run(
     catalogue = Catalogue.read(service) if service is not None else None
     prices = Prices.resolve(ModelTable.load(opts.models_file, default=opts.model), catalogue)
     schemas = Schemas(catalogue, service.schema) if catalogue is not None and service is not None else None
-    allow_internal_urls = settings.resolved.allow_internal_urls
+    allow_internal_urls = settings.allow_internal_urls
     validator = Validator(
         opts.manifest,
         prices.table,
@@ -559,7 +559,7 @@ class Runs:
         path = manifest or Path(saved["manifest"])
         if file_sha256(path) != saved["manifest_sha256"]:
             raise ConfigError(f"{path} is not the manifest this run started with (its digest differs)")
-        models_file = saved.get("models_file") or self.settings.resolved.models_file or None
+        models_file = saved.get("models_file") or self.settings.models_file or None
         table = ModelTable.load(models_file, default=saved.get("model"))
         validator = Validator(
             path,

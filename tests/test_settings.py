@@ -250,3 +250,24 @@ def test_config_still_shows_a_bad_variable_and_other_commands_refuse_it(tmp_path
     assert "SEEDREAM_SUBMIT_RATE in the environment: submit_rate must be a float" in done.stderr
     doctor = subprocess.run([EXE, "doctor"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert doctor.returncode == 1 and "SEEDREAM_SUBMIT_RATE" in doctor.stderr
+
+
+def test_worker_settings_carry_the_settings_read_where_they_are_used() -> None:
+    worker = WorkerSettings.from_env(
+        {
+            "SEEDREAM_ALLOW_INTERNAL_URLS": "1",
+            "SEEDREAM_MODELS_FILE": "models.json",
+            "SEEDREAM_BROKER_URL": "redis://:broker-pass@h:1/2",
+        }
+    )
+    assert (worker.allow_internal_urls, worker.models_file, worker.broker_url) == (
+        True,
+        "models.json",
+        "redis://:broker-pass@h:1/2",
+    )
+    assert "broker-pass" not in repr(worker)
+    assert (WorkerSettings().allow_internal_urls, WorkerSettings().models_file, WorkerSettings().broker_url) == (
+        False,
+        "",
+        "",
+    )
