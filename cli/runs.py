@@ -30,7 +30,7 @@ EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
 def _queue() -> str:
-    return options.settings().text("queue")
+    return options.settings().queue
 
 
 def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
@@ -173,13 +173,13 @@ def run_command(
             allow_partial=allow_partial,
             skip_invalid=skip_invalid,
             s3_endpoint=s3_endpoint,
-            queue=given.text("queue"),
-            fetch_queue=given.text("fetch_queue"),
+            queue=given.queue,
+            fetch_queue=given.fetch_queue,
             notify_url=notify_url or "",
             inputs=inputs,
             inputs_bucket=inputs_bucket or "",
             allow_bulk_upload=allow_bulk_upload,
-            bulk_upload_threshold=given.whole("bulk_upload_threshold"),
+            bulk_upload_threshold=given.bulk_upload_threshold,
             reuse=reuse,
             reuse_from=reuse_from,
         )
@@ -489,12 +489,12 @@ def worker_command(
     from workers.celery import app
     from workers.local import worker_args
 
-    queue, fetch = given.text("queue"), given.text("fetch_queue")
+    queue, fetch = given.queue, given.fetch_queue
     if role == "fetch" and not fetch and not queues:
         raise click.UsageError("--role fetch needs SEEDREAM_FETCH_QUEUE (or fetch_queue in the config file)")
     by_role = {"control": [queue], "fetch": [fetch], "all": [queue, fetch]}[role]
     chosen = queues or ",".join(q for q in dict.fromkeys(by_role) if q)
-    quiet = given.text("log_format") == "json"
+    quiet = given.log_format == "json"
     if concurrency is None:
         with _click_errors():
             concurrency = Limits.from_settings(given).threads()

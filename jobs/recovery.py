@@ -206,7 +206,7 @@ class Recovery:
         path = manifest or Path(saved["manifest"])
         if file_sha256(path) != saved["manifest_sha256"]:
             raise ConfigError(f"{path} is not the manifest this run started with (its digest differs)")
-        models_file = saved.get("models_file") or self.settings.resolved.text("models_file") or None
+        models_file = saved.get("models_file") or self.settings.models_file or None
         table = ModelTable.load(models_file, default=saved.get("model"))
         validator = Validator(
             path,

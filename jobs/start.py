@@ -117,7 +117,7 @@ def start_run(
     catalogue = Catalogue.read(service) if service is not None else None
     prices = Prices.resolve(ModelTable.load(opts.models_file, default=opts.model), catalogue)
     schemas = Schemas(catalogue, service.schema) if catalogue is not None and service is not None else None
-    allow_internal_urls = settings.resolved.flag("allow_internal_urls")
+    allow_internal_urls = settings.allow_internal_urls
     validator = Validator(
         opts.manifest,
         prices.table,
