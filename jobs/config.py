@@ -189,7 +189,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     prefix: str = DEFAULT_PREFIX
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
     limits: Limits = field(default_factory=Limits)

@@ -180,7 +180,7 @@ def read_file(path: Path) -> dict[str, str]:
 def check(setting: Setting, value: Any, *, where: str) -> str:
     """A value from the file or a flag as environment text, or ConfigError naming where it came from."""
     if isinstance(value, dict | list) or (isinstance(value, bool) and setting.kind is not bool):
-        raise ConfigError(f"{where}: {setting.name} must be a {_kind_name(setting)}, got {_shown(setting, value)}")
+        raise ConfigError(f"{where}: {setting.name} must be {_kind_name(setting)}, got {_shown(setting, value)}")
     parsed = _parse(setting, str(value), where=where)
     return ("1" if parsed else "0") if setting.kind is bool else str(value)
 
@@ -196,14 +196,15 @@ def _parse(setting: Setting, text: str, *, where: str) -> Any:
         try:
             return setting.kind(text)
         except ValueError:
-            raise ConfigError(f"{where}: {setting.name} must be a {_kind_name(setting)}, got {text!r}") from None
+            raise ConfigError(f"{where}: {setting.name} must be {_kind_name(setting)}, got {text!r}") from None
     if setting.choices and text not in setting.choices:
         raise ConfigError(f"{where}: {setting.name} must be one of {', '.join(setting.choices)}, got {text!r}")
     return Secret(text) if setting.kind is Secret else text
 
 
 def _kind_name(setting: Setting) -> str:
-    return "str" if setting.kind is Secret else setting.kind.__name__
+    """The kind in the words of a message a user reads."""
+    return {int: "a whole number", float: "a number", bool: "a bool"}.get(setting.kind, "text")
 
 
 def _shown(setting: Setting, value: Any) -> str:
