@@ -21,7 +21,7 @@ from jobs.settings import Settings
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery's config for a process running with `settings`."""
     return {
-        "broker_url": settings.text("broker_url") or settings.text("redis_url"),
+        "broker_url": settings.broker_url or settings.redis_url,
         "result_backend": None,
         "task_ignore_result": True,
         "task_acks_late": True,
@@ -30,8 +30,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A killed worker's unacked messages (running or held for a countdown) come back after the
         # visibility timeout; the sweep that restores them runs every `unacked_restore_interval` s.
         "broker_transport_options": {
-            "visibility_timeout": settings.whole("visibility_timeout"),
-            "unacked_restore_interval": settings.whole("restore_interval"),
+            "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": settings.restore_interval,
             "unacked_restore_throttle": 1,
         },
         "broker_connection_retry_on_startup": True,
@@ -40,9 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Task events cost about 7% of a worker's CPU per job (three publishes per message). Flower
         # turns them on in every worker it finds (its `enable_events`, every 5 s), so they are sent
         # while someone watches; SEEDREAM_TASK_EVENTS=1 sends them always (another event consumer).
-        "worker_send_task_events": settings.text("task_events") == "1",
+        "worker_send_task_events": settings.task_events == 1,
         "task_send_sent_event": False,  # one extra publish per task at enqueue: half its cost
         "worker_hijack_root_logger": False,
-        "task_default_queue": settings.text("queue"),
+        "task_default_queue": settings.queue,
         "broker_connection_timeout": 5,
     }

@@ -41,19 +41,18 @@ def doctor_command(
 
     try:
         settings = worker_settings(api_base)
-        allow_internal_urls = settings.resolved.flag("allow_internal_urls")
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_ERROR)
     inputs = Inputs(
         redis_url=settings.redis_url,
-        broker_url=settings.resolved.text("broker_url") or settings.redis_url,
+        broker_url=settings.broker_url or settings.redis_url,
         output=output,
         s3_endpoint=s3_endpoint,
         manifest=manifest,
         models_file=models_file,
         has_key=bool(settings.atlas.api_key),
-        allow_internal_urls=allow_internal_urls,
+        allow_internal_urls=settings.allow_internal_urls,
     )
     report = diagnose(inputs, lambda: AtlasClient(settings.atlas))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else report.render_text())

@@ -42,7 +42,7 @@ def inputs_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def bulk_upload_threshold() -> int:
-    return settings().whole("bulk_upload_threshold")
+    return settings().bulk_upload_threshold
 
 
 def warn_uploads(validator: Validator, output: str | None, inputs: str, inputs_bucket: str | None, allow: bool) -> None:

@@ -19,12 +19,12 @@ from cli.options import FromSettings, settings
 from cli.reuse import known_edits, reuse_options
 from jobs.catalogue import Catalogue, Prices, Schemas
 from jobs.config import AtlasConfig, Limits
-from jobs.environment import install, load
+from jobs.environment import given, install
 from jobs.estimate import Estimate, render_text
 from jobs.exit_codes import document
 from jobs.logs import configure
 from jobs.s3check import checked_scan, s3_header
-from jobs.settings import FILE_NAME, SETTINGS
+from jobs.settings import FILE_NAME, SETTINGS, Layers
 from manifests.errors import ConfigError, StorageError
 from manifests.models import ModelTable, usd_to_micros
 from manifests.validate import Result, Validator
@@ -62,13 +62,21 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     if "api_key" in values:
         values["api_key"] = Path(values["api_key"]).read_text(encoding="utf-8").strip()
     try:
-        settings = load(config=config_path, flags=values)
+        layers = given(config=config_path, flags=values)  # the file and the flags are checked here
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        settings = layers.parse()  # and the environment's values here
+    except ConfigError:
+        # A variable's value is bad: `config` still shows it, so that it can be found, and any
+        # other command refuses it where it first needs its settings (cli/options.py), with that
+        # command's own exit code.
+        ctx.obj = layers
+        return
     # The one object this command line runs with: its subcommands read it from the context, and
     # the Celery app, the in-process worker included, derives its config from it (celeryconfig.py).
     ctx.obj = install(settings)
-    configure(settings.text("log_format"), settings.text("log_level") or "WARNING", secrets=settings.secrets())
+    configure(settings.log_format, settings.log_level or "WARNING", secrets=settings.secrets())
 
 
 @main.command("config")
@@ -76,7 +84,13 @@ def main(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 @click.pass_context
 def config_command(ctx: click.Context, as_json: bool) -> None:
     """Print every setting's value now (secrets masked) and where it came from."""
-    rows = settings(ctx).rows()
+    given = ctx.find_root().obj
+    if isinstance(given, Layers):  # a variable's value is bad (`main`): shown, and named
+        try:
+            given.parse()
+        except ConfigError as exc:
+            click.echo(f"warning: {exc}; every other command refuses it", err=True)
+    rows = given.rows() if isinstance(given, Layers) else settings(ctx).rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -134,7 +148,7 @@ def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: 
         catalogue = Catalogue.read(client)
         prices = Prices.resolve(table, catalogue)
         schemas = Schemas(catalogue, client.schema)
-        allow = settings().flag("allow_internal_urls")
+        allow = settings().allow_internal_urls
         try:
             validator = Validator(
                 manifest, prices.table, fmt=fmt, model=model, allow_internal_urls=allow, schemas=schemas
@@ -149,7 +163,7 @@ def _validator(manifest: Path, model: str | None, fmt: str | None, models_file: 
 
 def _checked_scan(validator: Validator, **kwargs: Any) -> tuple[Result, Estimate, list[str]]:
     try:
-        endpoint = settings().text("s3_endpoint") or None
+        endpoint = settings().s3_endpoint or None
         return checked_scan(validator, lambda: s3_header(endpoint), **kwargs)
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None

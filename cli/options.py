@@ -13,12 +13,15 @@ from typing import Any
 import click
 
 from jobs.config import WorkerSettings
-from jobs.settings import Settings
+from jobs.settings import Layers, Settings
 
 
 def settings(ctx: click.Context | None = None) -> Settings:
-    """The settings the group resolved for this command line."""
+    """The settings the group resolved for this command line. When a variable's value is bad,
+    the group kept what was given (for `config`), and the ConfigError naming it is raised here."""
     root = (ctx or click.get_current_context()).find_root()
+    if isinstance(root.obj, Layers):
+        return root.obj.parse()
     if not isinstance(root.obj, Settings):
         raise RuntimeError("no settings: the command was not run through the seedream-batch group")
     return root.obj
@@ -41,8 +44,10 @@ class FromSettings(click.Option):
 
     def get_default(self, ctx: click.Context, call: bool = True) -> Any:
         obj = ctx.find_root().obj
-        if isinstance(obj, Settings) and obj.given(self.setting) and obj.text(self.setting):
-            return obj.flag(self.setting) if self.is_flag else obj.text(self.setting)
+        if isinstance(obj, Settings) and obj.given(self.setting):
+            value = getattr(obj, self.setting)  # the one setting this option names, as its type
+            if value != "":
+                return value
         return super().get_default(ctx, call)
 
 

@@ -33,6 +33,6 @@ def known_edits(output: str | None, reuse: bool, reuse_from: tuple[str, ...]) ->
     if not reuse or not output:
         return None
     try:
-        return results.known(reuse_roots(output, reuse_from), settings().text("s3_endpoint") or None)
+        return results.known(reuse_roots(output, reuse_from), settings().s3_endpoint or None)
     except StorageError as exc:
         raise click.ClickException(f"the results stored under {output} cannot be listed: {exc}") from None

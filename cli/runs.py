@@ -1,4 +1,5 @@
-"""CLI commands that start and control runs; thin: parse, build settings, call jobs.runs."""
+"""CLI commands that start and control runs; thin: parse, build settings, call jobs.start, jobs.runs and
+jobs.recovery."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from cli.reuse import reuse_options
 from jobs.config import Limits, WorkerSettings
 from jobs.environment import install
 from jobs.inputs import InputsRefused
+from jobs.recovery import Recovery
 from jobs.report import MAX_PRESIGN_SECONDS
-from jobs.runs import ManifestRefused, PreflightRefused, Progress, RunOptions, Runs, report_from_storage, start_run
+from jobs.runs import Progress, Runs, report_from_storage
+from jobs.start import ManifestRefused, PreflightRefused, RunOptions, start_run
 from manifests.errors import ConfigError, SeedreamError
 from manifests.models import micros_to_usd, usd_to_micros
 
@@ -27,7 +30,7 @@ EXIT_OK, EXIT_ERROR, EXIT_INVALID, EXIT_PARTIAL, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
 def _queue() -> str:
-    return options.settings().text("queue")
+    return options.settings().queue
 
 
 def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
@@ -35,8 +38,9 @@ def _admitter(settings: WorkerSettings, queue: str) -> Callable[[str], int]:
     from dataclasses import replace
 
     from jobs.backlog import Backlog, sizes
-    from jobs.records import RunRecord, RunStore
+    from jobs.records import RunRecord
     from jobs.redisio import connect
+    from jobs.store import RunStore
     from workers.dispatch import publish
     from workers.slots import Slots
 
@@ -169,13 +173,13 @@ def run_command(
             allow_partial=allow_partial,
             skip_invalid=skip_invalid,
             s3_endpoint=s3_endpoint,
-            queue=given.text("queue"),
-            fetch_queue=given.text("fetch_queue"),
+            queue=given.queue,
+            fetch_queue=given.fetch_queue,
             notify_url=notify_url or "",
             inputs=inputs,
             inputs_bucket=inputs_bucket or "",
             allow_bulk_upload=allow_bulk_upload,
-            bulk_upload_threshold=given.whole("bulk_upload_threshold"),
+            bulk_upload_threshold=given.bulk_upload_threshold,
             reuse=reuse,
             reuse_from=reuse_from,
         )
@@ -322,7 +326,7 @@ def retry_failed_command(run_id: str, pay_again: bool) -> None:
     runs = _runs()
     with _click_errors():
         admit = _admitter(runs.settings, runs.meta(run_id).queue or _queue())
-        n, held = runs.retry_failed(run_id, admit, pay_again=pay_again)
+        n, held = Recovery(runs).retry_failed(run_id, admit, pay_again=pay_again)
     click.echo(f"run {run_id}: {n} failed jobs enqueued again")
     if held:
         click.echo(f"{held} failed jobs were billed by the service; --pay-again resubmits them (and pays again)")
@@ -357,10 +361,12 @@ def resume_command(
     runs = _runs()
     with _click_errors():
         admit = _admitter(runs.settings, _queue())
-        source, n = runs.resume(run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint, force=force)
+        source, n = Recovery(runs).resume(
+            run_id, output, admit, manifest=manifest, s3_endpoint=s3_endpoint, force=force
+        )
         click.echo(f"run {run_id}: resumed from {source}; {n} jobs enqueued")
         if clear_halt:
-            lifted, again = runs.clear_halt(run_id, admit)
+            lifted, again = Recovery(runs).clear_halt(run_id, admit)
             what = "; ".join(lifted) if lifted else "no halt was set"
             click.echo(f"run {run_id}: halt lifted ({what}); {again} skipped jobs enqueued again")
     if wait if wait is not None else sys.stdout.isatty():
@@ -390,7 +396,7 @@ def reconcile_command(run_id: str, output: str | None, s3_endpoint: str | None, 
         meta = runs.store.run_meta(run_id)
         polled: int | None = None
         if meta is not None:
-            polled = runs.reconcile(run_id, _admitter(runs.settings, meta.queue or _queue()))
+            polled = Recovery(runs).reconcile(run_id, _admitter(runs.settings, meta.queue or _queue()))
         source, records, created_at = run_records(runs.store, run_id, output, s3_endpoint)
         atlas = runs.settings.atlas
         with AtlasClient(atlas.with_(api_base=(meta.api_base if meta else "") or atlas.api_base)) as client:
@@ -483,12 +489,12 @@ def worker_command(
     from workers.celery import app
     from workers.local import worker_args
 
-    queue, fetch = given.text("queue"), given.text("fetch_queue")
+    queue, fetch = given.queue, given.fetch_queue
     if role == "fetch" and not fetch and not queues:
         raise click.UsageError("--role fetch needs SEEDREAM_FETCH_QUEUE (or fetch_queue in the config file)")
     by_role = {"control": [queue], "fetch": [fetch], "all": [queue, fetch]}[role]
     chosen = queues or ",".join(q for q in dict.fromkeys(by_role) if q)
-    quiet = given.text("log_format") == "json"
+    quiet = given.log_format == "json"
     if concurrency is None:
         with _click_errors():
             concurrency = Limits.from_settings(given).threads()

@@ -4,7 +4,7 @@ With every job of a big run as a task message at once, the jobs waiting for an i
 slot come back every couple of seconds, and a job's next poll waits behind the whole queue:
 workers spend their time on messages that only find "not yet", and throughput falls with
 the manifest's length (5,000 rows ran at half the rate of 1,000). Instead a run keeps at
-most `window` jobs with a message out (the jobs in its due set, see `RunStore.due_key`);
+most `window` jobs with a message out (the jobs in its due set, see `RunKeys.due`);
 each job that ends lets the next ones in, and the watchdog tops the window up, so a worker
 that dies between the two never shrinks it for good.
 
@@ -22,8 +22,9 @@ from collections.abc import Iterable
 import redis
 
 from jobs.config import Limits
-from jobs.records import FINAL, PENDING, SUBMITTING, RunRecord, RunStore
+from jobs.records import FINAL, PENDING, SUBMITTING, RunRecord
 from jobs.redisio import script, translated
+from jobs.store import RunStore
 
 # Takes a job that ended out of the window, then pops jobs while the run has room; each one let
 # in is due now, so that if its message is never published (the publisher died), the watchdog
@@ -91,7 +92,7 @@ class Backlog:
 
     @translated
     def push(self, run_id: str, job_ids: Iterable[str], *, chunk: int = 1000) -> int:
-        key, n = self.store.backlog_key(run_id), 0
+        key, n = self.store.keys(run_id).backlog, 0
         pipe = self.client.pipeline(transaction=False)
         batch: list[str] = []
         for jid in job_ids:
@@ -112,13 +113,13 @@ class Backlog:
         """(job id, its current token, its state) for each job let in; the caller publishes their messages.
         `done`: a job that just ended leaves the window first (in the same round trip). `ready`:
         at most this many of the jobs out are still to be submitted (0: the window alone)."""
-        store = self.store
+        k = self.store.keys(run_id)
         flat = self._admit(
-            keys=[store.backlog_key(run_id), store.due_key(run_id), store.ready_key(run_id)],
+            keys=[k.backlog, k.due, k.ready],
             args=[
                 window,
                 repr(time.time() if now is None else now),
-                store.job_key(run_id, ""),
+                k.job(""),
                 ",".join(("", *FINAL, "")),
                 done,
                 ready,
@@ -130,14 +131,16 @@ class Backlog:
 
     @translated
     def prune_ready(self, run_id: str) -> int:
-        args = [self.store.job_key(run_id, ""), PENDING, SUBMITTING]
-        return int(self._prune(keys=[self.store.ready_key(run_id)], args=args))
+        k = self.store.keys(run_id)
+        args = [k.job(""), PENDING, SUBMITTING]
+        return int(self._prune(keys=[k.ready], args=args))
 
     @translated
     def waiting(self, run_id: str) -> int:
-        return int(self.client.llen(self.store.backlog_key(run_id)))
+        return int(self.client.llen(self.store.keys(run_id).backlog))
 
     @translated
     def reset(self, run_id: str) -> None:
         """Forget who is waiting and who is out (resume lets every job not yet settled in again)."""
-        self.client.delete(self.store.backlog_key(run_id), self.store.due_key(run_id), self.store.ready_key(run_id))
+        k = self.store.keys(run_id)
+        self.client.delete(k.backlog, k.due, k.ready)

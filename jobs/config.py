@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from jobs.redisio import DEFAULT_PREFIX
 from jobs.retry import Backoff
 from jobs.secret import Secret
-from jobs.settings import BY_NAME, Settings, resolve
+from jobs.settings import Settings, resolve
 from manifests.errors import ConfigError
 
 DEFAULT_API_BASE = "https://api.atlascloud.ai/api/v1"
@@ -82,15 +82,14 @@ class AtlasConfig:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> AtlasConfig:
         values: dict[str, Any] = {
-            "api_key": Secret(settings.text("api_key")),
-            "api_base": settings.text("api_base"),
-            "balance_url": settings.text("balance_url"),
-            "user_agent": settings.text("user_agent") or DEFAULT_USER_AGENT,
+            "api_key": settings.api_key,
+            "api_base": settings.api_base,
+            "balance_url": settings.balance_url,
+            "user_agent": settings.user_agent or DEFAULT_USER_AGENT,
+            "max_output_bytes": int(settings.max_output_mb * 1024 * 1024),
         }
-        if settings.given("max_output_mb"):
-            values["max_output_bytes"] = int(settings.number("max_output_mb") * 1024 * 1024)
         if settings.given("http_timeout"):  # unset, each phase keeps its own default
-            t = settings.number("http_timeout")
+            t = settings.http_timeout
             values["timeouts"] = Timeouts(connect=min(t, 10.0), read=t, write=t, pool=t)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -162,24 +161,16 @@ class Limits:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> Limits:
-        names = {
-            "submit_rate": ("submit_rate", float),
-            "submit_burst": ("submit_burst", int),
-            "poll_rate": ("poll_rate", float),
-            "upload_rate": ("upload_rate", float),
-            "max_in_flight": ("max_in_flight", int),
-            "slot_lease_seconds": ("slot_lease", float),
-            "headroom": ("rate_headroom", float),
-            "window": ("window", int),
+        values: dict[str, Any] = {
+            "submit_rate": settings.submit_rate,
+            "submit_burst": settings.submit_burst,
+            "poll_rate": settings.poll_rate,
+            "upload_rate": settings.upload_rate,
+            "max_in_flight": settings.max_in_flight,
+            "slot_lease_seconds": settings.slot_lease,
+            "headroom": settings.rate_headroom,
+            "window": settings.window,
         }
-        values: dict[str, Any] = {}
-        for attr, (name, kind) in names.items():
-            if settings.given(name):
-                text = settings.text(name)
-                try:
-                    values[attr] = kind(text)
-                except ValueError:
-                    raise ConfigError(f"{BY_NAME[name].env}={text!r} is not a number") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         limits = cls(**values)
         for attr in ("submit_rate", "poll_rate", "upload_rate", "slot_lease_seconds"):
@@ -198,7 +189,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     prefix: str = DEFAULT_PREFIX
     atlas: AtlasConfig = field(default_factory=AtlasConfig)
     limits: Limits = field(default_factory=Limits)
@@ -215,9 +206,9 @@ class WorkerSettings:
     step_lease: float = 180.0  # a step ends well within this; past it, the watchdog may take the job over
     notify_url: str = field(default="", repr=False)  # the webhook of runs that name none (a secret)
     notify_attempts: int = 5
-    # What these were built from, for the settings read only where they are used (e.g.
-    # allow_internal_urls, refused only by the commands that check inputs).
-    resolved: Settings = field(default_factory=Settings, repr=False, compare=False)
+    broker_url: str = field(default="", repr=False)  # the Celery broker, if not redis_url (a secret)
+    models_file: str = ""  # a JSON file overriding the model table (a run may name its own)
+    allow_internal_urls: bool = False  # input URLs at internal addresses pass validation
 
     @property
     def longest_countdown(self) -> float:
@@ -228,20 +219,22 @@ class WorkerSettings:
     @classmethod
     def from_settings(cls, settings: Settings) -> WorkerSettings:
         return cls(
-            redis_url=settings.text("redis_url"),
-            prefix=settings.text("prefix"),
+            redis_url=settings.redis_url,
+            prefix=settings.prefix,
             atlas=AtlasConfig.from_settings(settings, read_retry=Backoff(attempts=2, initial=0.2, maximum=1.0)),
             limits=Limits.from_settings(settings),
-            s3_endpoint=settings.text("s3_endpoint") or None,
-            poll_deadline=settings.number("poll_deadline"),
-            warmup_grace=settings.number("warmup_grace"),
-            visibility_timeout=settings.number("visibility_timeout"),
-            restore_interval=settings.number("restore_interval"),
-            step_lease=settings.number("step_lease"),
-            input_link_ttl=_link_ttl(settings.text("input_link_ttl")),
-            notify_url=settings.text("notify_url"),
-            notify_attempts=max(1, int(settings.text("notify_attempts") or 5)),
-            resolved=settings,
+            s3_endpoint=settings.s3_endpoint or None,
+            poll_deadline=settings.poll_deadline,
+            warmup_grace=settings.warmup_grace,
+            visibility_timeout=settings.visibility_timeout,
+            restore_interval=settings.restore_interval,
+            step_lease=settings.step_lease,
+            input_link_ttl=_link_ttl(settings.input_link_ttl),
+            notify_url=settings.notify_url,
+            notify_attempts=max(1, settings.notify_attempts),
+            broker_url=settings.broker_url,
+            models_file=settings.models_file,
+            allow_internal_urls=settings.allow_internal_urls,
         )
 
     @classmethod
@@ -250,11 +243,7 @@ class WorkerSettings:
         return cls.from_settings(resolve(env, read_config=False))
 
 
-def _link_ttl(text: str) -> int:
-    try:
-        seconds = int(text)
-    except ValueError:
-        raise ConfigError(f"SEEDREAM_INPUT_LINK_TTL={text!r} is not a whole number of seconds") from None
+def _link_ttl(seconds: int) -> int:
     if not 60 <= seconds <= 7 * 86400:  # SigV4 links work at most 7 days
         raise ConfigError("SEEDREAM_INPUT_LINK_TTL must be 60 seconds to 7 days")
     return seconds

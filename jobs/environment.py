@@ -16,7 +16,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from jobs.settings import Settings, resolve
+from jobs.settings import Layers, Settings, layer
 
 _lock = threading.Lock()
 _settings: Settings | None = None
@@ -27,13 +27,26 @@ def variables() -> dict[str, str]:
     return dict(os.environ)
 
 
+def given(config: str | None = None, flags: Mapping[str, Any] | None = None) -> Layers:
+    """This process's settings as given, not yet parsed (`seedream-batch config` shows them
+    even when one is bad): default < file < environment < flags."""
+    return layer(variables(), config=config, flags=flags)
+
+
 def load(config: str | None = None, flags: Mapping[str, Any] | None = None) -> Settings:
-    """This process's settings: default < file < environment < flags."""
-    return resolve(variables(), config=config, flags=flags)
+    """This process's settings: default < file < environment < flags, each parsed to its type."""
+    return given(config, flags).parse()
 
 
 def install(settings: Settings) -> Settings:
-    """Make `settings` the ones this process runs with (the command line, once it resolved them)."""
+    """Make `settings` the ones this process runs with (the command line, once it resolved them).
+
+    The command line passes its settings down as arguments everywhere it calls; this is for the
+    two readers it does not call. Celery builds its app config lazily, when the app is first
+    used (celeryconfig.py, `workers/celery_app.py`), and the worker a command runs in-process
+    builds its context on its first task (`workers.context.get_context`): both take the settings
+    installed here, so they see the command's flags and file too, rather than resolving their own
+    from the environment alone."""
     global _settings
     with _lock:
         _settings = settings

@@ -59,7 +59,7 @@ class RunKeys:
 
     @property
     def finalized(self) -> str:
-        """Set once the run's end was handed to the report writer (see workers/finish.py)."""
+        """Set once the run's end was handed to the report writer (see maybe_finalize in workers/dispatch.py)."""
         return f"{self.run}:finalized"
 
     @property

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from jobs.records import FINAL, OVERDUE, UNCERTAIN, RunStore
+from jobs.records import FINAL, OVERDUE, UNCERTAIN
 from jobs.redisio import looked_in
 from jobs.storage import open_storage, stored_records
+from jobs.store import RunStore
 from manifests.errors import ConfigError, ServiceError
 from manifests.models import micros_to_usd
 

@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 
 from jobs.budget import Budget
 from jobs.gallery import job_view, render
-from jobs.records import FINAL, JobRecord, RunRecord, RunStore
+from jobs.records import FINAL, JobRecord, RunRecord
 from jobs.storage import Storage
+from jobs.store import RunStore
 from jobs.thumbs import Thumbs, relative
 from manifests.models import micros_to_usd
 

@@ -1,5 +1,5 @@
 """What a job's durable record says about its money, when Redis lost its run and `resume` rebuilds
-the run from storage alone (jobs/runs.py).
+the run from storage alone (jobs/recovery.py).
 
 The state machine (workers/steps.py) writes a record before each POST and at each ending, so the
 stored state decides the job's fate: a prediction with an id is never sent again (it may be paid

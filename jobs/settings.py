@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+from jobs.secret import Secret
 from manifests.errors import ConfigError
 
 FILE_NAME = "seedream-batch.toml"
@@ -29,7 +30,7 @@ CONFIG_ENV = "SEEDREAM_CONFIG"
 class Setting:
     name: str  # the key in the TOML file
     env: str
-    kind: type
+    kind: type  # the type of its attribute on `Settings`
     default: str  # as the environment would hold it; "" is unset
     help: str
     secret: bool = False  # masked wherever it is shown
@@ -39,12 +40,12 @@ class Setting:
     def flag(self) -> str:
         """The global option. A secret is read from a file named on the command line: a value
         typed there would show in `ps` and the shell's history."""
-        return f"--{self.name.replace('_', '-')}" + ("-file" if self.secret and self.name == "api_key" else "")
+        return f"--{self.name.replace('_', '-')}" + ("-file" if self.kind is Secret else "")
 
 
 S = Setting
 SETTINGS: tuple[Setting, ...] = (
-    S("api_key", "ATLASCLOUD_API_KEY", str, "", "the Atlas Cloud API key", secret=True),
+    S("api_key", "ATLASCLOUD_API_KEY", Secret, "", "the Atlas Cloud API key", secret=True),
     S("api_base", "ATLASCLOUD_API_BASE", str, "https://api.atlascloud.ai/api/v1", "the service's API base URL"),
     S("balance_url", "ATLASCLOUD_BALANCE_URL", str, "", "the balance endpoint (default: derived from api_base)"),
     S(
@@ -177,22 +178,37 @@ def read_file(path: Path) -> dict[str, str]:
 
 
 def check(setting: Setting, value: Any, *, where: str) -> str:
-    """The value as environment text, or ConfigError naming where it came from."""
+    """A value from the file or a flag as environment text, or ConfigError naming where it came from."""
     if isinstance(value, dict | list) or (isinstance(value, bool) and setting.kind is not bool):
-        raise ConfigError(f"{where}: {setting.name} must be a {setting.kind.__name__}, got {value!r}")
-    text = str(value)
+        raise ConfigError(f"{where}: {setting.name} must be {_kind_name(setting)}, got {_shown(setting, value)}")
+    parsed = _parse(setting, str(value), where=where)
+    return ("1" if parsed else "0") if setting.kind is bool else str(value)
+
+
+def _parse(setting: Setting, text: str, *, where: str) -> Any:
+    """`text` as the setting's type: the one place a setting's text becomes its value. A value
+    that is not one is refused, naming `where` it came from (a variable, the file, a flag)."""
     if setting.kind is bool:
         if text.strip().lower() not in BOOL_TEXT:
-            raise ConfigError(f"{where}: {setting.name} must be a bool (1/0, true/false), got {value!r}")
-        return "1" if BOOL_TEXT[text.strip().lower()] else "0"
+            raise ConfigError(f"{where}: {setting.name} must be a bool (1/0, true/false), got {text!r}")
+        return BOOL_TEXT[text.strip().lower()]
     if setting.kind in (int, float):
         try:
-            setting.kind(text)
+            return setting.kind(text)
         except ValueError:
-            raise ConfigError(f"{where}: {setting.name} must be a {setting.kind.__name__}, got {value!r}") from None
+            raise ConfigError(f"{where}: {setting.name} must be {_kind_name(setting)}, got {text!r}") from None
     if setting.choices and text not in setting.choices:
-        raise ConfigError(f"{where}: {setting.name} must be one of {', '.join(setting.choices)}, got {value!r}")
-    return text
+        raise ConfigError(f"{where}: {setting.name} must be one of {', '.join(setting.choices)}, got {text!r}")
+    return Secret(text) if setting.kind is Secret else text
+
+
+def _kind_name(setting: Setting) -> str:
+    """The kind in the words of a message a user reads."""
+    return {int: "a whole number", float: "a number", bool: "a bool"}.get(setting.kind, "text")
+
+
+def _shown(setting: Setting, value: Any) -> str:
+    return "a value (not shown: a secret)" if setting.secret else repr(value)
 
 
 def resolve(
@@ -202,20 +218,31 @@ def resolve(
     flags: Mapping[str, Any] | None = None,
     read_config: bool = True,
 ) -> Settings:
-    """The layers, lowest first: default, file, `environ`, flags. Values from the file and the
-    flags are checked on the way in; the environment's are taken as they are, and refused
-    only by the setting that reads them (so `config` can still show a bad one)."""
-    values = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
-    sources = dict.fromkeys(values, "env")
+    """The layers, lowest first: default, file, `environ`, flags, each value parsed once, here.
+    A bad value is refused (ConfigError), naming the variable, file or flag it came from."""
+    return layer(environ, config=config, flags=flags, read_config=read_config).parse()
+
+
+def layer(
+    environ: Mapping[str, str],
+    *,
+    config: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    read_config: bool = True,
+) -> Layers:
+    """The settings given, as text, with where each came from: not parsed yet, so that
+    `seedream-batch config` can still show a bad value from the environment (the file's values
+    and the flags are checked on the way in)."""
+    texts = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    sources = dict.fromkeys(texts, "env")
     path = find_file(config, environ) if read_config else None
     if path is not None:
         for env, text in read_file(path).items():
             name = _name_of(env)
-            if name not in values:
-                values[name] = text
+            if name not in texts:
+                texts[name] = text
                 sources[name] = f"file {path}"
-    settings = Settings(MappingProxyType(values), MappingProxyType(sources))
-    return settings.with_flags(**(flags or {}))
+    return Layers(MappingProxyType(texts), MappingProxyType(sources)).with_flags(**(flags or {}))
 
 
 def _name_of(env: str) -> str:
@@ -223,81 +250,147 @@ def _name_of(env: str) -> str:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every setting, resolved once: what a process was given, as the environment would hold
-    it, and where each value came from. It is passed down, never re-read: a value does not
-    depend on when a module was imported, and the workers a command starts get the same values
-    (`environment()`). The typed views (`WorkerSettings`, `Limits`, `AtlasConfig`, Celery's
-    config) are built from it and refuse a bad value when they are built."""
+class Layers:
+    """The settings given (file, environment, flags) as the environment would hold them, and
+    where each came from. `parse` makes them a `Settings`; what a worker process is handed
+    (`environment`) and what `config` shows (`rows`) are this text."""
 
-    values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # the settings given
+    texts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     def __repr__(self) -> str:  # the key and the webhook must not reach a log line or a traceback
-        given = (f"{r['setting']}={r['value']!r}" for r in self.rows() if r["source"] != "default")
-        return f"Settings({', '.join(given)})"
+        return f"Layers({_given(self.rows())})"
 
-    def text(self, name: str) -> str:
-        """The value of setting `name` (its default when it was not given)."""
-        return self.values.get(name, BY_NAME[name].default)
-
-    def given(self, name: str) -> bool:
-        return name in self.values
-
-    def flag(self, name: str) -> bool:
-        """A bool setting; a value that means neither is refused rather than read as off."""
-        text = self.text(name).strip().lower()
-        if text not in BOOL_TEXT:
-            raise ConfigError(f"{BY_NAME[name].env} must be 1/0 or true/false, got {text!r}")
-        return BOOL_TEXT[text]
-
-    def whole(self, name: str) -> int:
-        text = self.text(name)
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"{BY_NAME[name].env}={text!r} is not a whole number") from None
-
-    def number(self, name: str) -> float:
-        text = self.text(name)
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"{BY_NAME[name].env}={text!r} is not a number") from None
-
-    def with_flags(self, **flags: Any) -> Settings:
+    def with_flags(self, **flags: Any) -> Layers:
         """These settings with a command's flags on top (None: not given), checked like the
         global flags and shown as their source."""
-        values, sources = dict(self.values), dict(self.sources)
+        texts, sources = dict(self.texts), dict(self.sources)
         for name, value in flags.items():
             if value is None:
                 continue
             setting = BY_NAME[name]
-            values[name] = check(setting, value, where=setting.flag)
+            texts[name] = check(setting, value, where=setting.flag)
             sources[name] = f"flag {setting.flag}"
-        return Settings(MappingProxyType(values), MappingProxyType(sources))
+        return Layers(MappingProxyType(texts), MappingProxyType(sources))
+
+    def parse(self) -> Settings:
+        """Every setting as its type, its default where it was not given."""
+        values = {s.name: _parse(s, self._text(s), where=self._where(s)) for s in SETTINGS}
+        return Settings(**values, layers=self)
+
+    def _text(self, setting: Setting) -> str:
+        text = self.texts.get(setting.name, setting.default)
+        if not text.strip() and (setting.kind in (int, float) or setting.choices):
+            return setting.default  # an empty variable (`SEEDREAM_METRICS_PORT=`) is one not set
+        return text
+
+    def _where(self, setting: Setting) -> str:
+        source = self.sources.get(setting.name, "default")
+        if source == "env":
+            return f"{setting.env} in the environment"
+        return source.removeprefix("file ").removeprefix("flag ")
 
     def environment(self) -> dict[str, str]:
         """The settings given, under their variables: what a worker process started from here
         needs in its environment to resolve the same values."""
-        return {BY_NAME[name].env: text for name, text in self.values.items()}
-
-    def secrets(self) -> list[str]:
-        """The values a log line must never show."""
-        return [self.text(s.name) for s in SETTINGS if s.name in ("api_key", "notify_url") and self.text(s.name)]
+        return {BY_NAME[name].env: text for name, text in self.texts.items()}
 
     def rows(self) -> list[dict[str, str]]:
         """Every setting's value, masked where secret, with its source (`seedream-batch config`)."""
         return [
             {
                 "setting": s.name,
-                "value": mask(s, self.text(s.name)),
+                "value": mask(s, self.texts.get(s.name, s.default)),
                 "source": self.sources.get(s.name, "default"),
                 "env": s.env,
                 "flag": s.flag,
             }
             for s in SETTINGS
         ]
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class Settings:
+    """Every setting, resolved once into its type (one attribute per row of `SETTINGS`, in its
+    order: tests/test_settings.py keeps the two alike), with the text it was given and where that
+    came from (`layers`). It is passed down, never re-read: a value does not depend on when a
+    module was imported, and the workers a command starts get the same values (`environment()`).
+    The typed views (`WorkerSettings`, `Limits`, `AtlasConfig`, Celery's config) are built from
+    it and refuse a value their own rules do not allow (a rate of 0, a link TTL of 8 days)."""
+
+    api_key: Secret
+    api_base: str
+    balance_url: str
+    user_agent: str
+    http_timeout: float
+    max_output_mb: float
+    models_file: str
+    redis_url: str
+    broker_url: str
+    prefix: str
+    queue: str
+    fetch_queue: str
+    s3_endpoint: str
+    submit_rate: float
+    submit_burst: int
+    poll_rate: float
+    upload_rate: float
+    max_in_flight: int
+    rate_headroom: float
+    window: int
+    slot_lease: float
+    visibility_timeout: int
+    restore_interval: int
+    step_lease: float
+    poll_deadline: float
+    warmup_grace: float
+    allocator: str
+    task_events: int
+    liveness: float
+    log_format: str
+    log_level: str
+    metrics_port: int
+    metrics_host: str
+    notify_url: str
+    notify_attempts: int
+    inputs: str
+    inputs_bucket: str
+    input_link_ttl: int
+    bulk_upload_threshold: int
+    allow_bulk_upload: bool
+    allow_internal_urls: bool
+    layers: Layers = field(compare=False)
+
+    def __repr__(self) -> str:  # the key, the webhook and the URLs' passwords stay masked
+        return f"Settings({_given(self.rows())})"
+
+    @property
+    def sources(self) -> Mapping[str, str]:
+        """Where each setting given came from: `env`, `file <path>`, `flag <flag>`."""
+        return self.layers.sources
+
+    def given(self, name: str) -> bool:
+        """Whether setting `name` was given (file, environment or flag) rather than defaulted."""
+        return name in self.layers.sources
+
+    def with_flags(self, **flags: Any) -> Settings:
+        """These settings with a command's flags on top (None: not given)."""
+        return self.layers.with_flags(**flags).parse()
+
+    def environment(self) -> dict[str, str]:
+        return self.layers.environment()
+
+    def rows(self) -> list[dict[str, str]]:
+        return self.layers.rows()
+
+    def secrets(self) -> list[str]:
+        """The values a log line must never show."""
+        return [value for value in (self.api_key.reveal(), self.notify_url) if value]
+
+
+def _given(rows: list[dict[str, str]]) -> str:
+    """The settings given, masked where secret: what a repr shows."""
+    return ", ".join(f"{r['setting']}={r['value']!r}" for r in rows if r["source"] != "default")
 
 
 def mask(setting: Setting, value: str) -> str:

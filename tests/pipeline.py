@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import WorkerSettings
-from jobs.runs import RunOptions, Runs, start_run
+from jobs.runs import Runs
+from jobs.start import RunOptions, start_run
 from sandbox.server import SandboxProcess
 from tests.conftest import API_KEY, make_client
 from tests.helpers import image_bytes, wait_for

@@ -9,7 +9,8 @@ import redis
 
 from jobs.backlog import Backlog
 from jobs.config import Limits
-from jobs.records import PENDING, SKIPPED, SUBMITTED, SUBMITTING, SUCCEEDED, RunStore
+from jobs.records import PENDING, SKIPPED, SUBMITTED, SUBMITTING, SUCCEEDED
+from jobs.store import RunStore
 from manifests.spec import JobSpec
 from tests.pipeline import Pipeline, catalog, run_id_of
 
@@ -23,12 +24,12 @@ def test_admit_lets_in_up_to_the_window_and_skips_settled_and_duplicates(rconn: 
     backlog = Backlog(rconn, store)
     store.create_run("r", {"run_id": "r"})
     ids = store.add_jobs("r", [_spec(i) for i in range(6)], "t0")
-    assert backlog.waiting("r") == 6 and rconn.zcard(store.due_key("r")) == 0  # created, not yet let in
+    assert backlog.waiting("r") == 6 and rconn.zcard(store.keys("r").due) == 0  # created, not yet let in
     store.update("r", "j1", state=SUCCEEDED, record_written="1")  # settled meanwhile: never let in
     store.update("r", "j2", state="failed", record_written="0")  # ended, record not stored: let in to store it
 
     assert backlog.admit("r", 3, now=100.0) == [("j0", "t0", PENDING), ("j2", "t0", "failed"), ("j3", "t0", PENDING)]
-    assert rconn.zrange(store.due_key("r"), 0, -1, withscores=True) == [("j0", 100.0), ("j2", 100.0), ("j3", 100.0)]
+    assert rconn.zrange(store.keys("r").due, 0, -1, withscores=True) == [("j0", 100.0), ("j2", 100.0), ("j3", 100.0)]
     assert backlog.admit("r", 3) == []  # full: nothing more until one leaves
 
     store.clear_due("r", "j0")
@@ -36,7 +37,7 @@ def test_admit_lets_in_up_to_the_window_and_skips_settled_and_duplicates(rconn: 
     assert backlog.admit("r", 3) == [("j4", "t0", PENDING), ("j5", "t0", PENDING)]
     backlog.push("r", ["j4", "j0"])  # j4 is out: this second entry is dropped; j0 is not (pushed again)
     assert backlog.admit("r", 3, done="j2") == [("j0", "t0", PENDING)] and backlog.waiting("r") == 0  # j2 out
-    assert rconn.zscore(store.due_key("r"), "j2") is None
+    assert rconn.zscore(store.keys("r").due, "j2") is None
     assert ids == [f"j{i}" for i in range(6)] and store.get("r", "j5").state == PENDING  # type: ignore[union-attr]
 
 
@@ -57,7 +58,7 @@ def test_concurrent_admits_never_exceed_the_window(rconn: redis.Redis, prefix: s
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert len(got) == len(set(got)) == 25 == rconn.zcard(store.due_key("r"))
+    assert len(got) == len(set(got)) == 25 == rconn.zcard(store.keys("r").due)
 
 
 def _started(pipe: Pipeline, rconn: redis.Redis, rows: int, delay: str) -> tuple[str, RunStore]:
@@ -72,13 +73,13 @@ def _started(pipe: Pipeline, rconn: redis.Redis, rows: int, delay: str) -> tuple
 def test_a_run_keeps_at_most_its_window_queued_and_finishes(pipe: Pipeline, rconn: redis.Redis) -> None:
     pipe.extra_env["SEEDREAM_WINDOW"] = "4"
     run_id, store = _started(pipe, rconn, 30, "uniform:0.05:0.2")
-    assert rconn.llen(pipe.prefix) == 4 and rconn.llen(store.backlog_key(run_id)) == 26  # before any worker
+    assert rconn.llen(pipe.prefix) == 4 and rconn.llen(store.keys(run_id).backlog) == 26  # before any worker
     pipe.start_workers(2)
     most = [0]
     runs = pipe.runs()
 
     def sample() -> bool:
-        most[0] = max(most[0], rconn.zcard(store.due_key(run_id)), rconn.llen(pipe.prefix))
+        most[0] = max(most[0], rconn.zcard(store.keys(run_id).due), rconn.llen(pipe.prefix))
         return runs.progress(run_id).done
 
     from tests.helpers import wait_for
@@ -100,13 +101,13 @@ def test_the_watchdog_drives_jobs_nothing_else_will(pipe: Pipeline, rconn: redis
     run_id = run_id_of(started.stdout)
     store = RunStore(rconn, prefix=pipe.prefix)
     first = ["sku-000", "sku-001", "sku-002"]
-    assert rconn.zrange(store.due_key(run_id), 0, -1) == first
+    assert rconn.zrange(store.keys(run_id).due, 0, -1) == first
     rconn.delete(pipe.prefix)  # their messages never reached the broker
     if lost == "messages":
-        rconn.zadd(store.due_key(run_id), dict.fromkeys(first, 0.0))  # and they are long overdue
+        rconn.zadd(store.keys(run_id).due, dict.fromkeys(first, 0.0))  # and they are long overdue
     else:
-        rconn.delete(store.due_key(run_id))
-        rconn.lpush(store.backlog_key(run_id), *reversed(first))
+        rconn.delete(store.keys(run_id).due)
+        rconn.lpush(store.keys(run_id).backlog, *reversed(first))
     pipe.start_workers(1)
     assert pipe.wait_done(run_id, timeout=120).counts["succeeded"] == 9
     acc = pipe.sandbox.accounting()
@@ -148,7 +149,7 @@ def test_at_most_ready_jobs_are_out_unsubmitted_and_each_submit_or_end_frees_a_p
     assert backlog.admit("r", 8, ready=3) == []
     assert backlog.prune_ready("r") == 1  # the watchdog frees the place
     assert [j for j, _, _ in backlog.admit("r", 8, ready=3)] == ["j6"]
-    assert rconn.smembers(store.ready_key("r")) == {"j4", "j5", "j6"} and rconn.zcard(store.due_key("r")) == 6
+    assert rconn.smembers(store.keys("r").ready) == {"j4", "j5", "j6"} and rconn.zcard(store.keys("r").due) == 6
 
 
 def test_jobs_waiting_for_their_turn_to_submit_are_let_in_as_submits_go(pipe: Pipeline, rconn: redis.Redis) -> None:
@@ -156,16 +157,16 @@ def test_jobs_waiting_for_their_turn_to_submit_are_let_in_as_submits_go(pipe: Pi
     the rest come in as jobs are submitted (before any ends), and the run finishes."""
     pipe.extra_env.update({"SEEDREAM_SUBMIT_RATE": "10", "SEEDREAM_MAX_IN_FLIGHT": "100"})
     run_id, store = _started(pipe, rconn, 60, "uniform:3:4")
-    assert rconn.scard(store.ready_key(run_id)) == 32 and rconn.llen(store.backlog_key(run_id)) == 28
+    assert rconn.scard(store.keys(run_id).ready) == 32 and rconn.llen(store.keys(run_id).backlog) == 28
     pipe.start_workers(2)
     most = {"ready": 0, "out_before_an_end": 0}
     runs = pipe.runs()
 
     def sample() -> bool:
-        most["ready"] = max(most["ready"], rconn.scard(store.ready_key(run_id)))
+        most["ready"] = max(most["ready"], rconn.scard(store.keys(run_id).ready))
         p = runs.progress(run_id)
         if p.finished == 0:
-            most["out_before_an_end"] = max(most["out_before_an_end"], rconn.zcard(store.due_key(run_id)))
+            most["out_before_an_end"] = max(most["out_before_an_end"], rconn.zcard(store.keys(run_id).due))
         return p.done
 
     from tests.helpers import wait_for
@@ -174,4 +175,4 @@ def test_jobs_waiting_for_their_turn_to_submit_are_let_in_as_submits_go(pipe: Pi
     acc = pipe.sandbox.accounting()
     assert runs.progress(run_id).counts["succeeded"] == 60 and acc["duplicate_fingerprints"] == []
     assert most["ready"] <= 32 < most["out_before_an_end"]
-    assert rconn.scard(store.ready_key(run_id)) == 0
+    assert rconn.scard(store.keys(run_id).ready) == 0

@@ -9,7 +9,7 @@ from jobs import keys
 from jobs.budget import Budget
 from jobs.claims import Claims
 from jobs.control import RunControl
-from jobs.records import RunStore
+from jobs.store import RunStore
 from workers.polling import PollTimes
 from workers.uploads import UploadCache
 
@@ -36,10 +36,11 @@ def test_the_shared_keys_are_spelled_as_before() -> None:
 
 def test_the_stores_use_the_layout(rconn: redis.Redis) -> None:
     store = RunStore(rconn, prefix="sb")
-    assert (store.run_key("R1"), store.job_key("R1", "j"), store.counts_key("R1"), store.list_key("R1")) == (
+    k = store.keys("R1")
+    assert (k.run, k.job("j"), k.counts, k.jobs) == (
         "sb:run:R1", "sb:job:R1:j", "sb:run:R1:counts", "sb:run:R1:jobs",
     )  # fmt: skip
-    assert (store.backlog_key("R1"), store.due_key("R1"), store.ready_key("R1"), store.finalized_key("R1")) == (
+    assert (k.backlog, k.due, k.ready, k.finalized) == (
         "sb:run:R1:backlog", "sb:run:R1:due", "sb:run:R1:ready", "sb:run:R1:finalized",
     )  # fmt: skip
     assert store.active_key == "sb:runs:active"

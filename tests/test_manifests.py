@@ -280,7 +280,7 @@ def test_run_refuses_every_bad_manifest_before_anything_is_enqueued(
     import redis
 
     from jobs.config import WorkerSettings
-    from jobs.runs import ManifestRefused, RunOptions, start_run
+    from jobs.start import ManifestRefused, RunOptions, start_run
 
     enqueued: list[str] = []
 

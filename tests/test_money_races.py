@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from jobs.records import PENDING, SUBMITTING, UNCERTAIN
+from jobs.recovery import Recovery
 from jobs.runs import Runs
 from sandbox.server import SandboxProcess
 from tests.pipeline import Pipeline, one_job, stored_record
@@ -48,7 +49,7 @@ def test_a_worker_killed_while_pacing_then_redis_lost_is_not_uncertain_after_res
     keys = list(ctx.redis.scan_iter(f"{prefix}:*", count=1000))
     ctx.redis.delete(*keys)
     runs = Runs(settings)
-    source, _ = runs.resume(run_id, str(folder.parent), lambda rid: 0)
+    source, _ = Recovery(runs).resume(run_id, str(folder.parent), lambda rid: 0)
     assert source == "storage"
     job = runs.store.get(run_id, "sku-1")
     assert job is not None
@@ -120,7 +121,7 @@ def test_a_frozen_sender_adopting_its_prediction_after_the_run_was_reported_upda
 
 def _campaign_run(sandbox: SandboxProcess, redis_url: str, prefix: str, tmp: Path, prompt: str) -> tuple[object, str]:
     from jobs.config import WorkerSettings
-    from jobs.runs import RunOptions, start_run
+    from jobs.start import RunOptions, start_run
     from tests.conftest import API_KEY
     from tests.helpers import image_bytes
     from tests.pipeline import write_manifest

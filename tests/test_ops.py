@@ -18,8 +18,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs.records import RunStore
 from jobs.redisio import connect
+from jobs.store import RunStore
 from sandbox.server import free_port
 from tests.conftest import API_KEY
 from tests.helpers import wait_for

@@ -1,5 +1,5 @@
-"""Adversarial scenarios for results reuse (jobs/results.py, jobs/claims.py, workers/steps.py
-`_reuse`): real Celery workers and the CLI as processes, real Redis, the sandbox over HTTP.
+"""Adversarial scenarios for results reuse (jobs/results.py, jobs/claims.py, workers/reuse.py
+`reuse`): real Celery workers and the CLI as processes, real Redis, the sandbox over HTTP.
 
 Each test states the money invariant it holds to, under an interleaving that once broke it or
 that was tried to break it.
@@ -498,7 +498,7 @@ def test_a_claim_left_by_an_ended_holder_is_taken_over_at_once(
     of waiting out the lease, submits, and the edit is made once more: one prediction in all."""
     from jobs.config import WorkerSettings
     from jobs.records import FAILED, PENDING, SUBMITTED
-    from jobs.runs import RunOptions, start_run
+    from jobs.start import RunOptions, start_run
     from workers import steps
     from workers.context import Context
 

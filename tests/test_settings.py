@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import get_type_hints
 
 import click
 import pytest
@@ -15,7 +18,8 @@ from click.testing import CliRunner
 from cli.inputs import inputs_options
 from cli.options import s3_endpoint_option
 from jobs.config import DEFAULT_USER_AGENT, AtlasConfig, Limits, WorkerSettings
-from jobs.settings import BY_NAME, SETTINGS, Settings, mask, resolve
+from jobs.secret import Secret
+from jobs.settings import BOOL_TEXT, BY_NAME, SETTINGS, Settings, mask, resolve
 from manifests.errors import ConfigError
 from tests.pipeline import EXE
 
@@ -73,9 +77,9 @@ def test_the_file_reaches_a_worker_started_by_celery_itself(tmp_path: Path) -> N
     ("text", "words"),
     [
         ("submit_rte = 3\n", "unknown setting 'submit_rte' (did you mean 'submit_rate'?)"),
-        ('submit_rate = "fast"\n', "submit_rate must be a float"),
+        ('submit_rate = "fast"\n', "submit_rate must be a number"),
         ('log_format = "xml"\n', "log_format must be one of text, json"),
-        ("max_in_flight = [1]\n", "max_in_flight must be a int"),
+        ("max_in_flight = [1]\n", "max_in_flight must be a whole number"),
         ("submit_rate = \n", "seedream-batch.toml"),
         ('allow_internal_urls = "maybe"\n', "allow_internal_urls must be a bool"),
     ],
@@ -183,3 +187,88 @@ def test_an_option_with_a_setting_behind_it_defaults_to_that_setting() -> None:
     )
     assert shown(given) == "http://s3.local presign s3://b/p True"
     assert shown(given, "--s3-endpoint", "http://flag", "--inputs", "upload") == "http://flag upload s3://b/p True"
+
+
+def test_the_typed_settings_are_the_table() -> None:
+    """One attribute per row of SETTINGS, in its order and of its kind, so the two cannot drift;
+    each resolves to the table's default when nothing is given."""
+    hints = get_type_hints(Settings)
+    typed = [f.name for f in fields(Settings) if f.name != "layers"]
+    assert typed == [s.name for s in SETTINGS]
+    assert {name: hints[name] for name in typed} == {s.name: s.kind for s in SETTINGS}
+    defaults = resolve({}, read_config=False)
+    for s in SETTINGS:
+        value = getattr(defaults, s.name)
+        assert type(value) is s.kind, s.name
+        expected = BOOL_TEXT[s.default] if s.kind is bool else s.kind(s.default)
+        assert value == expected, s.name
+    assert defaults.sources == {} and defaults.environment() == {}
+
+
+def test_values_are_parsed_once_and_a_bad_one_names_where_it_came_from(tmp_path: Path) -> None:
+    env = {
+        "SEEDREAM_SUBMIT_RATE": "12.5",
+        "SEEDREAM_MAX_IN_FLIGHT": "40",
+        "SEEDREAM_ALLOW_BULK_UPLOAD": "yes",
+        "SEEDREAM_METRICS_PORT": "",  # an empty variable is one not set
+        "ATLASCLOUD_API_KEY": "sk-typed-0123456789",
+        "REDIS_URL": "redis://:redis-pass@127.0.0.1:6379/3",
+        "SEEDREAM_NOTIFY_URL": "https://hooks.example/services/T0/B0/hook-token",
+    }
+    s = resolve(env, read_config=False)
+    assert (s.submit_rate, s.max_in_flight, s.allow_bulk_upload, s.metrics_port) == (12.5, 40, True, 0)
+    assert s.api_key == Secret("sk-typed-0123456789") and s.secrets() == [
+        "sk-typed-0123456789",
+        env["SEEDREAM_NOTIFY_URL"],
+    ]
+    assert s.environment() == env and s.sources["submit_rate"] == "env" and s.given("submit_rate")
+    shown = repr(s)
+    assert "sk-typed" not in shown and "redis-pass" not in shown and "hook-token" not in shown
+    assert "submit_rate='12.5'" in shown
+    assert s.with_flags(submit_rate=3).submit_rate == 3.0
+    bad = "SEEDREAM_MAX_IN_FLIGHT in the environment: max_in_flight must be a whole number"
+    with pytest.raises(ConfigError, match=bad):
+        resolve({"SEEDREAM_MAX_IN_FLIGHT": "many"}, read_config=False)
+    with pytest.raises(ConfigError, match=r"SEEDREAM_ALLOW_INTERNAL_URLS in the environment: \w+ must be a bool"):
+        resolve({"SEEDREAM_ALLOW_INTERNAL_URLS": "maybe"}, read_config=False)
+    with pytest.raises(ConfigError, match="SEEDREAM_LOG_FORMAT in the environment: log_format must be one of"):
+        resolve({"SEEDREAM_LOG_FORMAT": "xml"}, read_config=False)
+    with pytest.raises(ConfigError, match="--window: window must be a whole number"):
+        s.with_flags(window="wide")
+    (tmp_path / "bad.toml").write_text('poll_rate = "often"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'bad.toml'}: poll_rate must be a number")):
+        resolve({}, config=str(tmp_path / "bad.toml"))
+
+
+def test_config_still_shows_a_bad_variable_and_other_commands_refuse_it(tmp_path: Path) -> None:
+    """`config` is where a user looks for a bad value: it shows it, with its source, and names
+    it; a command that needs the settings refuses it with its own exit code (doctor: 1)."""
+    env = _env(SEEDREAM_SUBMIT_RATE="fast")
+    done = subprocess.run([EXE, "config", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    row = next(r for r in json.loads(done.stdout) if r["setting"] == "submit_rate")
+    assert (row["value"], row["source"]) == ("fast", "env")
+    assert "SEEDREAM_SUBMIT_RATE in the environment: submit_rate must be a number" in done.stderr
+    doctor = subprocess.run([EXE, "doctor"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert doctor.returncode == 1 and "SEEDREAM_SUBMIT_RATE" in doctor.stderr
+
+
+def test_worker_settings_carry_the_settings_read_where_they_are_used() -> None:
+    worker = WorkerSettings.from_env(
+        {
+            "SEEDREAM_ALLOW_INTERNAL_URLS": "1",
+            "SEEDREAM_MODELS_FILE": "models.json",
+            "SEEDREAM_BROKER_URL": "redis://:broker-pass@h:1/2",
+        }
+    )
+    assert (worker.allow_internal_urls, worker.models_file, worker.broker_url) == (
+        True,
+        "models.json",
+        "redis://:broker-pass@h:1/2",
+    )
+    assert "broker-pass" not in repr(worker)
+    assert (WorkerSettings().allow_internal_urls, WorkerSettings().models_file, WorkerSettings().broker_url) == (
+        False,
+        "",
+        "",
+    )

@@ -1,7 +1,7 @@
-"""The state machine (workers/steps.py) one transition at a time, in seconds: a real RunStore on
-local Redis (its Lua scripts decide every move), the run's storage in a local folder, and the
-service as an in-memory stand-in that answers what each test tells it to. No Celery, no sandbox:
-a change to a step is checked here before the end-to-end tests run."""
+"""The state machine (workers/steps.py and the step modules it drives) one transition at a time,
+in seconds: a real RunStore on local Redis (its Lua scripts decide every move), the run's storage
+in a local folder, and the service as an in-memory stand-in that answers what each test tells it
+to. No Celery, no sandbox: a change to a step is checked here before the end-to-end tests run."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from jobs.records import (
 from manifests.errors import BadRequest, OutcomeUnknown, RateLimited, StorageError
 from tests.helpers import image_bytes
 from tests.pipeline import one_job_at, stored_record
-from workers import dispatch, events, steps
+from workers import dispatch, ending, events, steps
 from workers.atlas import Downloaded, Submitted
 from workers.context import Context
 from workers.prediction import Prediction, State
@@ -112,7 +112,7 @@ class Harness:
         return self.ctx.runs.counts(self.run_id)
 
     def reservation(self) -> int:
-        return steps.reservation(self.ctx.meta(self.run_id), self.job())
+        return ending.reservation(self.ctx.meta(self.run_id), self.job())
 
 
 @pytest.fixture
@@ -222,7 +222,7 @@ def test_a_sender_lost_after_its_post_left_is_uncertain_without_a_second_post(
     sent, and storage holds no prediction id. The next message ends it uncertain, never resends."""
     ctx, run_id = h.ctx, h.run_id
     budget = ctx.budget(ctx.meta(run_id).budget_scope)
-    assert budget.reserve(steps.entry(h.job()), h.reservation())
+    assert budget.reserve(ending.entry(h.job()), h.reservation())
     assert ctx.runs.claim(run_id, JOB, TOKEN) == "ok"
     assert ctx.runs.mark_posted(run_id, JOB, TOKEN, ctx.control.key(run_id), budget.keys[0]) == "ok"
     monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)  # the sender's time-outs have passed
@@ -241,7 +241,7 @@ def test_a_sender_answered_after_its_job_was_ended_uncertain_adopts_the_predicti
     def ended_meanwhile() -> None:
         cost = str(h.reservation())
         assert ctx.runs.transition(run_id, JOB, SUBMITTING, UNCERTAIN, cost_micros=cost) == "ok"
-        ctx.budget(ctx.meta(run_id).budget_scope).settle(steps.entry(h.job()), int(cost))
+        ctx.budget(ctx.meta(run_id).budget_scope).settle(ending.entry(h.job()), int(cost))
 
     h.atlas.on_submit = ended_meanwhile
     assert h.drive() == "later"
@@ -298,7 +298,7 @@ def test_storage_failing_during_the_fetch_is_retried_and_the_paid_output_kept(
     assert h.drive() == "later"  # back off, then fetch again
     job = h.job()
     assert job.state == FETCHING and job.service_outputs == [OUTPUT] and job.price_micros == PRICE
-    assert h.ctx.redis.hget(h.ctx.runs.job_key(h.run_id, JOB), "store_attempts") == "1"
+    assert h.ctx.redis.hget(h.ctx.runs.keys(h.run_id).job(JOB), "store_attempts") == "1"
     assert h.budget().spent_micros == 0  # nothing settled while the output is not stored
     assert h.drive() == "done"
     job = h.job()

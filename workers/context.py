@@ -13,10 +13,11 @@ from jobs.claims import Claims
 from jobs.config import WorkerSettings
 from jobs.control import RunControl
 from jobs.environment import process_settings
-from jobs.records import RunRecord, RunStore
+from jobs.records import RunRecord
 from jobs.redisio import connect
 from jobs.results import ResultsIndex
 from jobs.storage import Storage, open_output, open_storage
+from jobs.store import RunStore
 from manifests.errors import StateError
 from manifests.s3 import s3_client
 from workers.atlas import AtlasClient

@@ -68,5 +68,5 @@ def maybe_finalize(ctx: Context, run_id: str, finished: int) -> None:
     run = ctx.meta(run_id)
     if finished < (run.total or 0):
         return
-    if ctx.redis.set(ctx.runs.finalized_key(run_id), "1", nx=True):
+    if ctx.redis.set(ctx.runs.keys(run_id).finalized, "1", nx=True):
         send_finalize(run_id, run.queue or None)

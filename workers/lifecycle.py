@@ -23,8 +23,8 @@ def _logging(loglevel: object = None, **_: object) -> None:
     """Our handler instead of Celery's: text or JSON (SEEDREAM_LOG_FORMAT), run and job ids on
     every line, secrets redacted. Celery's own lines go through it too."""
     settings = process_settings()
-    level = settings.text("log_level") or (loglevel if isinstance(loglevel, str | int) else "INFO")
-    configure(settings.text("log_format"), level, secrets=settings.secrets())
+    level = settings.log_level or (loglevel if isinstance(loglevel, str | int) else "INFO")
+    configure(settings.log_format, level, secrets=settings.secrets())
 
 
 @celeryd_init.connect
@@ -34,7 +34,7 @@ def _name(sender: object = None, options: dict[str, object] | None = None, **_: 
     The liveness limit is set here, before the consumer first starts its watch."""
     if sender:
         name_worker(str(sender))
-    WATCH.limit = process_settings().number("liveness")  # 0 turns the watch off
+    WATCH.limit = process_settings().liveness  # 0 turns the watch off
     _logging((options or {}).get("loglevel"))
 
 
@@ -52,14 +52,14 @@ def _start(sender: object = None, **_: object) -> None:
     back without its plain-text "Warm shutdown" banner (the stop is logged, as JSON, above)."""
     controller = getattr(sender, "controller", None)
     settings = process_settings()
-    if controller is not None and settings.text("log_format") == "json":
+    if controller is not None and settings.log_format == "json":
         celery_worker.install_worker_term_handler(controller, verbose=False)
 
     ctx = get_context()
     start_thread(ctx)
-    port = int(settings.text("metrics_port") or 0)
+    port = settings.metrics_port
     if port:
         try:
-            serve(ctx, port, settings.text("metrics_host") or "127.0.0.1")
+            serve(ctx, port, settings.metrics_host or "127.0.0.1")
         except OSError as exc:  # a port in use must not stop the worker from working
             log.error("metrics endpoint not started on port %d: %s", port, exc)

@@ -114,10 +114,10 @@ class LocalWorkers:
             queue=self.queue,
             name=f"{self.name}-{i}@%h" if self.name else f"seedream-{os.getpid()}-{id(self) % 100000}-{i}@%h",
             loglevel=self.loglevel,
-            quiet=self.settings.text("log_format") == "json",
+            quiet=self.settings.log_format == "json",
         )
-        env = with_allocator(self.env, self.settings.text("allocator"))
-        base = int(self.settings.text("metrics_port") or 0)
+        env = with_allocator(self.env, self.settings.allocator)
+        base = self.settings.metrics_port
         if base:  # one port each: SEEDREAM_METRICS_PORT, +1, +2, ...
             env["SEEDREAM_METRICS_PORT"] = str(base + i)
         if not self.log_path:

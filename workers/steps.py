@@ -7,6 +7,10 @@ POST, so a claim that never left goes back to pending (never `uncertain`); the
 prediction id is made durable before anything else; and every final transition (and
 its cost, on the ledger entry of the job's attempt) happens once. Each step is given the
 job's `Turn` and answers what its next message should be (workers/turn.py).
+
+The submit (pending, submitting) is here, beside the loop that picks each step; the steps
+after it (workers/poll.py, workers/fetch.py), reuse (workers/reuse.py) and a job's end
+(workers/ending.py) each have a module of their own.
 """
 
 from __future__ import annotations
@@ -16,53 +20,32 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.budget import ledger_key, worst_case
-from jobs.claims import DONE, FRESH, HELD, MINE
 from jobs.control import AUTH, PAYMENT, refused_by
-from jobs.records import (
-    FAILED,
-    FETCHING,
-    OVERDUE,
-    PENDING,
-    SKIPPED,
-    SUBMITTED,
-    SUBMITTING,
-    SUCCEEDED,
-    UNCERTAIN,
-    JobRecord,
-    JobState,
-    RunRecord,
-)
-from jobs.results import Entry, find, new_entry
+from jobs.records import FAILED, FETCHING, PENDING, SKIPPED, SUBMITTED, SUBMITTING, UNCERTAIN, JobRecord
 from jobs.retry import backoff
 from jobs.secret import redact_links
-from jobs.thumbs import store_output_thumbnail
 from manifests.errors import (
     AuthError,
-    BadOutput,
     BadRequest,
     OutcomeUnknown,
     PaymentRequired,
     RateLimited,
-    ServiceError,
     StateError,
     StorageError,
     TransientError,
 )
-from manifests.images import NotAnImage, inspect
 from workers import events
 from workers.context import Context
-from workers.dispatch import maybe_finalize
+from workers.ending import end, entry, finish, move, reservation, uncertain
+from workers.fetch import fetch
 from workers.inputs import InputFailed, input_links, prepare_inputs
 from workers.metrics import STEP_SECONDS
-from workers.polling import budget as poll_budget
-from workers.prediction import State
+from workers.poll import next_poll, poll
+from workers.reuse import reuse
 from workers.turn import Done, Next, Stale, StepResult, Turn, Wait
 
 log = logging.getLogger("seedream.jobs")
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
-REUSE_WAIT = 1.0  # how often a job waiting for another's identical edit looks again
-REUSE_TRIES = 20  # storage failures while copying a stored edit (about 8 minutes) before the job pays
 
 
 @dataclass(frozen=True)
@@ -87,12 +70,12 @@ def drive(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) 
             return Outcome(Stale())
         t = Turn(ctx, ctx.meta(run_id), rec)
         if rec.final:
-            return Outcome(_final(t))
+            return Outcome(finish(t))
         asleep = (rec.wake_at or 0.0) - time.time()
         if asleep > 0.05:  # a wait longer than one message may hold: another hop
             return Outcome(Wait(asleep))
         began = rec.state
-        step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: _submitted, FETCHING: _fetching}[began]
+        step = {PENDING: _pending, SUBMITTING: _submitting, SUBMITTED: poll, FETCHING: fetch}[began]
         started = time.monotonic()
         result = step(t)
         STEP_SECONDS.labels(began).observe(time.monotonic() - started)
@@ -105,124 +88,11 @@ def drive(ctx: Context, run_id: str, job_id: str, token: str, *, due_at: float) 
 # -- helpers -------------------------------------------------------------------------------
 
 
-def reservation(run: RunRecord, rec: JobRecord) -> int:
-    return worst_case(run.list_price(rec.spec.model), rec.spec.params)
-
-
-def entry(rec: JobRecord) -> str:
-    """The job's current ledger entry."""
-    return ledger_key(rec.run_id, rec.id, rec.charge)
-
-
-def next_poll(t: Turn, elapsed: float | None = None) -> float:
-    """Seconds to the job's next poll, on the schedule its run's poll budget allows now."""
-    lim, slots = t.ctx.settings.limits, t.ctx.slots
-    est = t.ctx.polls.estimate(t.job.run_id, t.job.spec.model)
-    spend = poll_budget(
-        submit_rate=lim.submit_rate, poll_rate=lim.poll_rate, scarce=slots.scarce(), slots=slots.capacity(), est=est
-    )
-    if elapsed is None:
-        return t.ctx.polls.first(t.job.run_id, t.job.spec.model, spend)
-    return t.ctx.polls.again(t.job.run_id, t.job.spec.model, elapsed, spend)
-
-
 def send_settle(ctx: Context) -> float:
     """How long after its POST left a job found `submitting` may still be getting its answer
     recorded by the worker that sent it: the POST's own time-outs and the in-process retries."""
     t = ctx.settings.atlas.timeouts
     return t.connect + t.write + t.read + ctx.settings.id_hold + 5.0
-
-
-def _move(t: Turn, expect: JobState, to: JobState, **fields: Any) -> str:
-    """A transition (see RunStore.transition), logged and counted when it is made."""
-    moved = t.ctx.runs.transition(t.job.run_id, t.job.id, expect, to, **fields)
-    if moved == "ok":
-        events.moved(
-            t.job,
-            expect,
-            to,
-            cost_micros=int(fields.get("cost_micros") or 0),
-            reason=str(fields.get("reason") or ""),
-            error=str(fields.get("error") or ""),
-        )
-    return moved
-
-
-def _end(
-    t: Turn,
-    expect: JobState,
-    to: JobState,
-    *,
-    error: str = "",
-    reason: str = "",
-    cost: int = 0,
-    **fields: Any,
-) -> Next:
-    """Move to a final state once; then, and only if this call made the move, settle or release
-    the budget and the slot to match. A message that lost the job (a stale copy, one taken over)
-    must not give back what the job's live submit holds. A worker that dies between the move and
-    the settlement leaves the reservation held (the cap stays safe); `_final` settles it. The error
-    may be the service's, echoing an input's presigned link: its signature never reaches a record."""
-    error = redact_links(error)
-    moved = _move(
-        t,
-        expect,
-        to,
-        error=error[:2000],
-        reason=reason,
-        cost_micros=str(cost),
-        finished_at=repr(time.time()),
-        **fields,
-    )
-    if moved == "ok":
-        _settle(t, cost)
-        if expect != FETCHING:  # a job fetching gave its slot back when its prediction ended
-            t.ctx.slots.release(t.holder)
-    return Next()  # the loop in `advance` reads the state the job is really in
-
-
-def _end_claim(t: Turn, state: JobState) -> None:
-    if t.run.reuse and t.job.spec.fingerprint:
-        t.ctx.claims.end(t.run.reuse_claims, t.job.spec.fingerprint, t.holder, succeeded=state == SUCCEEDED)
-
-
-def _settle(t: Turn, cost: int) -> None:
-    """The ledger entry of the job's attempt at its final cost (idempotent)."""
-    budget = t.ctx.budget(t.run.budget_scope)
-    if cost:
-        budget.settle(entry(t.job), cost)
-    else:
-        budget.release(entry(t.job))
-
-
-def _uncertain(t: Turn, expect: JobState, **why: str) -> Next:
-    """The POST left and nothing proves what happened: it may have been billed, so it is counted
-    at its reservation, never resubmitted."""
-    return _end(t, expect, UNCERTAIN, cost=reservation(t.run, t.job), **why)
-
-
-def _overdue(t: Turn, **why: str) -> Next:
-    """A prediction with an id and no verdict yet: the run ends with it counted at its reservation;
-    `resume` and `reconcile` poll it again and settle its real cost."""
-    return _end(t, SUBMITTED, OVERDUE, cost=reservation(t.run, t.job), **why)
-
-
-def _final(t: Turn) -> Wait | Done:
-    """A final job: make sure its settlement, its claim's end (the rows waiting on its edit go on)
-    and its durable record are written (its worker may have died right after the move), then
-    tell the run. `_end` leads here at once, so the claim is let go once, here."""
-    if not t.job.record_written:
-        _settle(t, t.job.cost_micros)
-        _end_claim(t, t.job.state)
-        try:
-            t.ctx.storage(t.job.run_id).put_json(f"records/{t.job.id}.json", t.job.to_json())
-        except StorageError as exc:
-            n = t.ctx.runs.incr(t.job.run_id, t.job.id, "store_attempts")
-            events.retry(t.job, "store_record", n, str(exc))
-            return Wait(backoff(n, 1.0, 60.0)) if n < t.ctx.settings.max_store_attempts else Done()
-        finished = t.ctx.runs.record_stored(t.job.run_id, t.job.id, succeeded=t.job.state == SUCCEEDED)
-        maybe_finalize(t.ctx, t.job.run_id, finished)
-    return Done()
 
 
 def _unsent(t: Turn, *, refused: bool = False, uncount: bool = True, rewrite: bool = False) -> bool:
@@ -250,83 +120,6 @@ def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
     return False
 
 
-# -- reuse: an edit already stored is copied, not paid again ----------------------------------
-
-
-def _reuse(t: Turn) -> StepResult | None:
-    """Take the claim on the job's edit (jobs/claims.py) and, where the edit may be stored, copy
-    its outputs: the job then succeeds at no cost, nothing reserved, no slot or send taken. A
-    countdown while another job makes the same edit or storage fails; None: this job pays for it."""
-    root, fp, me = t.run.reuse_claims, t.job.spec.fingerprint, t.holder
-    got = t.ctx.claims.take(root, fp, me)
-    if got == HELD:
-        holder = t.ctx.claims.holder(root, fp)
-        if holder is None or not _holder_gone(t.ctx, holder) or not t.ctx.claims.take_from(root, fp, holder, me):
-            if not t.job.reuse_look:  # once it is made, look for it
-                t.ctx.runs.update(t.job.run_id, t.job.id, reuse_look="1")
-            return Wait(REUSE_WAIT)
-        got, t.job.reuse_look = FRESH, True  # the holder may have stored it before it went
-    if got != DONE and not t.job.reuse_look:
-        return None
-    try:
-        found = _copy_stored(t)
-    except StorageError as exc:  # a few tries, then the edit is paid for: a copy must not stall a row
-        k = t.ctx.runs.incr(t.job.run_id, t.job.id, "reuse_attempts")
-        events.retry(t.job, "reuse", k, str(exc))
-        if k < REUSE_TRIES:
-            return Wait(backoff(k, 1.0, 30.0))
-        found = None
-    if found is not None:
-        entry, uris, foreign = found
-        if foreign:  # copied in from another output (--reuse-from): later runs into this one find it here
-            _index_copy(t, entry, uris)
-        return _end(t, PENDING, SUCCEEDED, bump="reused", outputs=uris,
-                    reused_from=f"{entry.run_id}/{entry.job_id}", saved_micros=str(entry.cost_micros))  # fmt: skip
-    t.ctx.runs.update(t.job.run_id, t.job.id, reuse_look="")  # not stored (or its outputs are gone): pay for it
-    t.job.reuse_look = False
-    if got == DONE and t.ctx.claims.take(root, fp, me, over_done=True) not in (FRESH, MINE):
-        return Wait(REUSE_WAIT)
-    return None
-
-
-def _copy_stored(t: Turn) -> tuple[Entry, list[str], bool] | None:
-    """The entry copied, the copies, and whether it came from another output than the run's."""
-    indexes = t.ctx.indexes(t.job.run_id)
-    for index, entry in find(indexes, t.job.spec.fingerprint):
-        if entry.run_id == t.job.run_id and entry.job_id == t.job.id:
-            continue  # its own earlier edit, whose outputs are its own already: a stale entry
-        metadata = {"job-id": t.job.id, "run-id": t.job.run_id, "model": entry.model,
-                    "prediction-id": entry.prediction_id, "reused-from": f"{entry.run_id}/{entry.job_id}"}  # fmt: skip
-        uris = index.copy_outputs(entry, t.ctx.storage(t.job.run_id), t.job.id, metadata)
-        if uris is not None:
-            return entry, uris, index is not indexes[0]
-    return None
-
-
-def _index_copy(t: Turn, entry: Entry, uris: list[str]) -> None:
-    copy = new_entry(
-        entry.fingerprint, t.job.run_id, t.job.id, entry.prediction_id, entry.model, uris, entry.cost_micros
-    )
-    try:
-        t.ctx.indexes(t.job.run_id)[0].put(copy)
-    except StorageError as exc:  # the copy stands; a later run may pay for this edit again
-        log.warning("results index entry for %s not stored (%s)", t.job.id, exc)
-
-
-def _holder_gone(ctx: Context, holder: str) -> bool:
-    """The job holding a claim has ended (its worker died before ending the claim). A holder Redis
-    no longer knows is not taken over: its run may be resumed from storage with its prediction
-    still running, and would then hold the claim again; if it never is, the lease runs out."""
-    run_id, _, job_id = holder.partition(":")
-    held = ctx.runs.get(run_id, job_id) if job_id else None
-    return held is not None and held.final
-
-
-def _renew_claim(t: Turn) -> None:
-    if t.run.reuse and t.job.spec.fingerprint:
-        t.ctx.claims.take(t.run.reuse_claims, t.job.spec.fingerprint, t.holder)
-
-
 # -- pending: prepare, reserve, take a slot and a send time, claim, POST once ---------------
 
 
@@ -334,22 +127,22 @@ def _pending(t: Turn) -> StepResult:
     run_id, key = t.job.run_id, t.holder
     halted = t.ctx.control.halted(run_id)
     if halted:
-        return _end(t, PENDING, SKIPPED, reason=halted)
+        return end(t, PENDING, SKIPPED, reason=halted)
     if t.run.reuse and t.job.spec.fingerprint:
-        reused = _reuse(t)
+        reused = reuse(t)
         if reused is not None:
             return reused
     if not t.job.input_urls:
         urls = prepare_inputs(t)
         if isinstance(urls, InputFailed):
-            return _end(t, PENDING, FAILED, error=urls.error, reason=urls.reason)
+            return end(t, PENDING, FAILED, error=urls.error, reason=urls.reason)
         if isinstance(urls, Wait):
             return urls
         t.ctx.runs.update(run_id, t.job.id, input_urls=urls)
         t.job.input_urls = urls
     budget = t.ctx.budget(t.run.budget_scope)
     if not budget.reserve(entry(t.job), reservation(t.run, t.job)):
-        return _end(t, PENDING, SKIPPED, reason="budget", error=budget.state().stopped or "")
+        return end(t, PENDING, SKIPPED, reason="budget", error=budget.state().stopped or "")
     wait = t.ctx.slots.acquire(key)
     if wait > 0:  # the service's limit binds: a slot freed by a poll is soon taken again
         return Wait(min(wait, 0.5))
@@ -369,7 +162,7 @@ def _pending(t: Turn) -> StepResult:
     except StorageError as exc:
         n = t.ctx.runs.incr(run_id, t.job.id, "attempts")
         if n >= t.ctx.settings.max_attempts:
-            return _end(t, PENDING, FAILED, error=str(exc), reason="input")
+            return end(t, PENDING, FAILED, error=str(exc), reason="input")
         events.retry(t.job, "presign", n, str(exc))
         return Wait(backoff(n))
     claimed = t.ctx.runs.claim(run_id, t.job.id, t.job.token)
@@ -406,13 +199,13 @@ def _pending(t: Turn) -> StepResult:
         _unsent(t, rewrite=True)
         kind, _, why = verdict.partition(":")
         if kind == "budget":
-            return _end(t, PENDING, SKIPPED, reason="budget", error=why)
-        return _end(t, PENDING, SKIPPED, reason=why)
+            return end(t, PENDING, SKIPPED, reason="budget", error=why)
+        return end(t, PENDING, SKIPPED, reason=why)
     try:
         sub = client.submit(t.job.spec.model, params)
     except OutcomeUnknown as exc:
         events.submitted(t.job, "unknown")
-        return _uncertain(t, SUBMITTING, error=exc.message, reason="submit_outcome_unknown")
+        return uncertain(t, SUBMITTING, error=exc.message, reason="submit_outcome_unknown")
     except RateLimited as exc:
         t.ctx.limiter.cool_down("submit", exc.retry_after)
         events.rate_limited(t.job, "submit", exc.retry_after)
@@ -425,21 +218,21 @@ def _pending(t: Turn) -> StepResult:
     except PaymentRequired as exc:
         events.submitted(t.job, "refused")
         t.ctx.control.halt(run_id, PAYMENT)
-        return _end(t, SUBMITTING, SKIPPED, error=exc.message, reason=PAYMENT)
+        return end(t, SUBMITTING, SKIPPED, error=exc.message, reason=PAYMENT)
     except AuthError as exc:
         events.submitted(t.job, "refused")
         t.ctx.control.halt(run_id, refused_by(exc))
-        return _end(t, SUBMITTING, FAILED, error=exc.message, reason=AUTH)
+        return end(t, SUBMITTING, FAILED, error=exc.message, reason=AUTH)
     except BadRequest as exc:
         events.submitted(t.job, "refused")
-        return _end(t, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
+        return end(t, SUBMITTING, FAILED, error=exc.message, reason="bad_request")
     except TransientError as exc:  # never left this machine: nothing was created
         _unsent(t, refused=True, uncount=False)
         t.ctx.runs.update(run_id, t.job.id, error=redact_links(exc.message))
         t.ctx.runs.bump(run_id, "retries")
         events.retry(t.job, "submit", t.job.attempts, exc.message)
         if t.job.attempts >= t.ctx.settings.max_attempts:
-            return _end(t, PENDING, FAILED, error=exc.message, reason="unreachable")
+            return end(t, PENDING, FAILED, error=exc.message, reason="unreachable")
         return Wait(backoff(t.job.attempts))
     events.submitted(t.job, "accepted", sub.id)
     result = _hold_id(t, sub.id, time.time())
@@ -476,7 +269,7 @@ def _hold_id(t: Turn, prediction_id: str, now: float) -> StepResult:
     deadline = time.monotonic() + t.ctx.settings.id_hold
     while True:
         try:
-            moved = _move(
+            moved = move(
                 t, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=prediction_id, submitted_at=repr(now)
             )
             break
@@ -529,10 +322,10 @@ def _submitting(t: Turn) -> StepResult:
         return Wait(left)
     stored = _stored_record(t)
     if stored.get("prediction_id"):  # the answer reached storage but not Redis
-        moved = _move(t, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=stored["prediction_id"],
+        moved = move(t, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=stored["prediction_id"],
                       submitted_at=repr(stored.get("submitted_at") or t.job.posted_at))  # fmt: skip
         return Next() if moved == "ok" else Stale()
-    return _uncertain(
+    return uncertain(
         t,
         SUBMITTING,
         reason="worker_lost_during_submit",
@@ -550,121 +343,3 @@ def _stored_record(t: Turn) -> dict[str, Any]:
 
 class TransientStorage(StateError):
     """Storage could not be read to decide a job's fate: try the message again later."""
-
-
-# -- submitted: poll, adaptively ----------------------------------------------------------------
-
-
-def _submitted(t: Turn) -> StepResult:
-    run_id = t.job.run_id
-    t.ctx.slots.renew(t.holder)
-    _renew_claim(t)
-    later = t.ctx.limiter.take("poll")
-    if later:
-        return Wait(later)
-    polls = t.ctx.runs.count_poll(run_id, t.job.id)
-    events.polled()
-    elapsed = time.time() - (t.job.submitted_at or time.time())
-    try:
-        pred = t.ctx.client(t.run.api_base).get_prediction(t.job.prediction_id)
-    except RateLimited as exc:
-        t.ctx.limiter.cool_down("poll", exc.retry_after)
-        events.rate_limited(t.job, "poll", exc.retry_after)
-        return Wait(exc.retry_after or 1.0)
-    except AuthError as exc:
-        t.ctx.control.halt(run_id, refused_by(exc))
-        t.ctx.runs.update(run_id, t.job.id, error=exc.message)
-        return Done()  # left submitted: `resume` polls it again
-    except BadRequest as exc:  # 400/404 for an id the service gave us
-        if elapsed < t.ctx.settings.warmup_grace:  # the service is still warming the prediction up
-            return Wait(next_poll(t, elapsed))
-        return _overdue(t, error=f"the service lost the prediction: {exc.message}", reason="prediction_lost")
-    except ServiceError as exc:
-        t.ctx.runs.bump(run_id, "retries")
-        events.retry(t.job, "poll", polls, exc.message)
-        if elapsed > t.ctx.settings.poll_deadline:
-            return _overdue(t, error=f"no answer before the deadline: {exc.message}", reason="poll_deadline")
-        return Wait(backoff(polls, 1.0, 30.0))
-    if pred.state is State.RUNNING:
-        if elapsed > t.ctx.settings.poll_deadline:
-            return _overdue(t, reason="poll_deadline", error=f"still {pred.status or 'running'} after {int(elapsed)} s")
-        if polls == 1:  # each job teaches the run's poll times once, at its first poll
-            t.ctx.polls.still_running(run_id, t.job.spec.model, elapsed)
-        return Wait(next_poll(t, elapsed))
-    if polls == 1:
-        t.ctx.polls.learn(run_id, t.job.spec.model, elapsed if pred.predict_time is None else pred.predict_time)
-    if pred.state is State.FAILED:
-        error = pred.error or f"the prediction ended '{pred.status}'"
-        return _end(t, SUBMITTED, FAILED, error=error, reason=pred.status or "failed")
-    price = pred.price_micros if pred.price_micros is not None else t.run.list_price(t.job.spec.model)
-    if not pred.outputs:
-        return _end(t, SUBMITTED, FAILED, error="completed without outputs", reason="no_outputs", cost=price)
-    t.ctx.slots.release(t.holder)
-    _move(t, SUBMITTED, FETCHING, service_outputs=list(pred.outputs), nsfw=list(pred.nsfw), price_micros=str(price))
-    # With a fetch queue of its own (hosts near the bucket) the download goes there, now.
-    return Wait(0.0) if t.run.fetch_queue and t.run.fetch_queue != t.run.queue else Next()
-
-
-# -- fetching: stream each output, check it, store it -----------------------------------------
-
-
-def _output_lost(t: Turn, error: str, reason: str, price: int, outputs: list[str]) -> Next:
-    """A paid output that cannot be had: the job fails, and its cost still counts."""
-    return _end(t, FETCHING, FAILED, error=error, reason=reason, cost=price, outputs=outputs)
-
-
-def _fetching(t: Turn) -> StepResult:
-    run_id = t.job.run_id
-    price = t.job.price_micros if t.job.price_micros is not None else t.run.list_price(t.job.spec.model)
-    outputs = list(t.job.outputs)
-    client = t.ctx.client(t.run.api_base)
-    storage = t.ctx.storage(run_id)
-    _renew_claim(t)
-    for n, url in enumerate(t.job.service_outputs):
-        if n < len(outputs):
-            continue
-        try:
-            data = client.download(url).content
-            info = inspect(data)
-        except (NotAnImage, BadOutput, BadRequest) as exc:
-            return _output_lost(t, f"output {n}: {exc}", "bad_output", price, outputs)
-        except ServiceError as exc:
-            k = t.ctx.runs.incr(run_id, t.job.id, "fetch_attempts")
-            t.ctx.runs.bump(run_id, "retries")
-            if k >= t.ctx.settings.max_fetch_attempts:
-                return _output_lost(t, f"output {n}: {exc}", "fetch", price, outputs)
-            events.retry(t.job, "fetch", k, str(exc))
-            return Wait(backoff(k, 1.0, 60.0))
-        key = f"outputs/{t.job.id}/{n}.{info.extension}"
-        try:
-            uri = storage.put_bytes(
-                key,
-                data,
-                info.content_type,
-                metadata={
-                    "job-id": t.job.id,
-                    "model": t.job.spec.model,
-                    "prediction-id": t.job.prediction_id,
-                    "run-id": run_id,
-                },
-            )
-        except StorageError as exc:
-            k = t.ctx.runs.incr(run_id, t.job.id, "store_attempts")
-            events.retry(t.job, "store_output", k, str(exc))
-            return Wait(backoff(k, 1.0, 30.0))
-        store_output_thumbnail(storage, t.job.id, n, data)
-        outputs.append(uri)
-        if len(outputs) < len(t.job.service_outputs):  # the last one is written with the final state
-            t.ctx.runs.update(run_id, t.job.id, outputs=outputs)
-    if t.job.spec.fingerprint and t.run.reuse_roots:  # every output is stored: later rows may reuse them
-        entry = new_entry(
-            t.job.spec.fingerprint, run_id, t.job.id, t.job.prediction_id, t.job.spec.model, outputs, price
-        )
-        try:
-            t.ctx.indexes(run_id)[0].put(entry)
-        except StorageError as exc:
-            k = t.ctx.runs.incr(run_id, t.job.id, "store_attempts")
-            events.retry(t.job, "store_index", k, str(exc))
-            if k < t.ctx.settings.max_store_attempts:
-                return Wait(backoff(k, 1.0, 30.0))
-    return _end(t, FETCHING, SUCCEEDED, cost=price, outputs=outputs)
