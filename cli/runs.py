@@ -187,8 +187,11 @@ def run_command(
         raise click.UsageError(str(exc)) from None
     wait = bool(workers) or sys.stdout.isatty() if wait is None else wait  # its own workers: it must wait
     threads = concurrency or config.limits.threads(workers)
+    # the run's own workers take every queue its jobs go to: with a fetch queue set and no
+    # fetch worker here, downloads would wait in Redis for good after the service had billed them
+    queues = ",".join(dict.fromkeys(q for q in (opts.queue, given.fetch_queue) if q))
     local = (
-        LocalWorkers(workers, concurrency=threads, queue=opts.queue, settings=given, restart=True).start()
+        LocalWorkers(workers, concurrency=threads, queue=queues, settings=given, restart=True).start()
         if workers
         else None
     )

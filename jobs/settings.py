@@ -233,7 +233,9 @@ def layer(
     """The settings given, as text, with where each came from: not parsed yet, so that
     `seedream-batch config` can still show a bad value from the environment (the file's values
     and the flags are checked on the way in)."""
-    texts = {s.name: environ[s.env] for s in SETTINGS if s.env in environ}
+    # An empty variable (`SEEDREAM_MAX_IN_FLIGHT=`, as a compose file or a unit template leaves
+    # one it has no value for) is one not set: the file's value, or the default, stands.
+    texts = {s.name: environ[s.env] for s in SETTINGS if environ.get(s.env, "").strip()}
     sources = dict.fromkeys(texts, "env")
     path = find_file(config, environ) if read_config else None
     if path is not None:
@@ -279,10 +281,7 @@ class Layers:
         return Settings(**values, layers=self)
 
     def _text(self, setting: Setting) -> str:
-        text = self.texts.get(setting.name, setting.default)
-        if not text.strip() and (setting.kind in (int, float) or setting.choices):
-            return setting.default  # an empty variable (`SEEDREAM_METRICS_PORT=`) is one not set
-        return text
+        return self.texts.get(setting.name, setting.default)
 
     def _where(self, setting: Setting) -> str:
         source = self.sources.get(setting.name, "default")

@@ -130,6 +130,57 @@ def test_redis_away_right_after_the_post_keeps_the_prediction_id(
         server.stop()
 
 
+def test_redis_away_right_after_a_refused_post_leaves_the_job_pending_not_uncertain(
+    sandbox: SandboxProcess, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service refuses the POST (a 429: its one place is taken; nothing created, nothing
+    billed) and Redis stops before the refusal is recorded, for two seconds: the worker keeps
+    handing the claim back until Redis answers, so the job is pending, not `submitting` (which
+    its next message would end uncertain, never sent again), and it is then sent once and paid once."""
+    sandbox.reset(delay="fixed:30", max_in_flight=1)
+    with make_client(sandbox) as other:  # another client's prediction holds the service's one place
+        url = other.upload("x.png", image_bytes(), "image/png")
+        other.submit("bytedance/seedream-v4/edit", {"prompt": "occupier", "images": [url]})
+    server = RedisServer(tmp_path).start()
+    try:
+        settings, run_id, folder = one_job(sandbox, server.url, prefix, tmp_path)
+        ctx = Context(settings)
+        client = ctx.client(ctx.meta(run_id).api_base)
+        ctx.storage(run_id)  # opened while Redis answers
+        real_submit = client.submit
+
+        def submit(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real_submit(*args, **kwargs)  # the real POST, refused by the service
+            finally:
+                server.stop()  # ... and Redis goes away before the refusal is recorded
+
+        monkeypatch.setattr(client, "submit", submit)
+        restart = threading.Timer(2.0, server.start)
+        restart.start()
+        wait = steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
+        restart.join()
+        monkeypatch.undo()
+        job = ctx.runs.get(run_id, "sku-1")
+        acc = sandbox.accounting()
+        assert acc["rejected_in_flight"] == 1 and acc["created"] == 1  # the other client's only
+        assert isinstance(wait, Wait) and job is not None and job.state == PENDING, job
+        assert stored_record(folder)["state"] == PENDING  # a resume from storage would not take it for sent
+        sandbox.reset(delay="fixed:0.2")  # the service has room again: the next message sends it
+        monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)
+
+        def sent() -> bool:  # the job's next messages, once the 429's cool-down is over
+            steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
+            return ctx.runs.get(run_id, "sku-1").state == SUBMITTED  # type: ignore[union-attr]
+
+        wait_for(sent, timeout=15, what="the job sent once the service has room")
+        job = ctx.runs.get(run_id, "sku-1")
+        assert job is not None and job.prediction_id, job
+        assert sandbox.accounting()["created"] == 1  # this run's one prediction (the reset cleared the other's)
+    finally:
+        server.stop()
+
+
 def test_redis_away_longer_than_the_worker_holds_on_the_id_is_read_back_from_storage(
     sandbox: SandboxProcess, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

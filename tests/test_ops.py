@@ -95,6 +95,18 @@ def test_workers_by_role_from_the_procfile_and_a_warm_stop_loses_nothing(pipe: P
     assert all(m["worker"].startswith("fetch@") for m in moves["fetch"])
 
 
+def test_a_run_with_its_own_workers_takes_the_fetch_queue_too(pipe: Pipeline) -> None:
+    """`run --workers N` with a fetch queue set: the workers it starts listen on both queues, so
+    a paid prediction's download does not wait in Redis for a fetch worker nobody started."""
+    pipe.extra_env.update(SEEDREAM_FETCH_QUEUE=f"{pipe.prefix}.fetch", SEEDREAM_SUBMIT_RATE="10")
+    manifest, _ = catalog(pipe.tmp, pipe.sandbox, 6)
+    got = pipe.cli("run", str(manifest), "--output", str(pipe.tmp / "out"), "--workers", "1", "--wait", timeout=90)
+    assert got.returncode == 0, got.stderr
+    run_id = run_id_of(got.stdout)
+    assert pipe.runs().progress(run_id).counts.get("succeeded") == 6
+    assert len(list((pipe.tmp / "out" / run_id / "outputs").glob("*/0.*"))) == 6
+
+
 def test_the_systemd_unit_runs_the_same_worker() -> None:
     """The unit's ExecStart is the CLI's worker command with a role (checked, not run: systemd is
     not here); the role it names exists."""

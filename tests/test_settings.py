@@ -221,7 +221,8 @@ def test_values_are_parsed_once_and_a_bad_one_names_where_it_came_from(tmp_path:
         "sk-typed-0123456789",
         env["SEEDREAM_NOTIFY_URL"],
     ]
-    assert s.environment() == env and s.sources["submit_rate"] == "env" and s.given("submit_rate")
+    given = {k: v for k, v in env.items() if v}  # the empty one is not handed on
+    assert s.environment() == given and s.sources["submit_rate"] == "env" and s.given("submit_rate")
     shown = repr(s)
     assert "sk-typed" not in shown and "redis-pass" not in shown and "hook-token" not in shown
     assert "submit_rate='12.5'" in shown
@@ -272,3 +273,17 @@ def test_worker_settings_carry_the_settings_read_where_they_are_used() -> None:
         "",
         "",
     )
+
+
+def test_an_empty_variable_is_one_not_set_so_the_files_value_stands(tmp_path: Path) -> None:
+    """A compose file or a unit template leaves a variable it has no value for empty: a user's
+    ceiling from the file must not fall back to "no ceiling" because of it."""
+    (tmp_path / "cfg.toml").write_text('max_in_flight = 2\nsubmit_rate = 1.5\nqueue = "q-file"\n')
+    environ = {"SEEDREAM_MAX_IN_FLIGHT": "", "SEEDREAM_SUBMIT_RATE": " ", "SEEDREAM_QUEUE": ""}
+    s = resolve(environ, config=str(tmp_path / "cfg.toml"))
+    assert (s.max_in_flight, s.submit_rate, s.queue) == (2, 1.5, "q-file")
+    assert Limits.from_settings(s).max_in_flight == 2
+    assert s.layers.sources["max_in_flight"] == f"file {tmp_path / 'cfg.toml'}"
+    assert s.layers.environment()["SEEDREAM_MAX_IN_FLIGHT"] == "2"  # what a worker started from here is given
+    none = resolve({"SEEDREAM_MAX_IN_FLIGHT": ""}, read_config=False)
+    assert none.max_in_flight == 0 and "max_in_flight" not in none.layers.sources  # the default

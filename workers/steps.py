@@ -46,6 +46,7 @@ from workers.turn import Done, Next, Stale, StepResult, Turn, Wait
 
 log = logging.getLogger("seedream.jobs")
 HOLD_MAX = 2.0  # the longest a send waits in its thread for its turn; longer, and it comes back later
+HAND_BACK_PATIENCE = 30.0  # seconds a refused or unsent submit's hand-back outlasts a Redis outage
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,35 @@ def _unsent(t: Turn, *, refused: bool = False, uncount: bool = True, rewrite: bo
     and then, if its record was stored as sent (`refused`, `rewrite`), in its durable record,
     so neither the watchdog nor a resume from storage takes it for a sent one. False when it
     had left and `refused` does not say otherwise."""
-    if not t.ctx.runs.hand_back(t.job.run_id, t.job.id, refused=refused, uncount=uncount):
+    if not _hand_back(t, refused=refused, uncount=uncount):
         return False
     t.job.state, t.job.posted_at = PENDING, None
     if refused or rewrite:
         _write_record(t.ctx, t.job, tries=3)
     return True
+
+
+def _hand_back(t: Turn, *, refused: bool, uncount: bool) -> bool:
+    """Hand the claim back, trying again through a Redis outage of up to HAND_BACK_PATIENCE
+    seconds: only this worker knows the submit did not leave (or was refused), and a job left
+    `submitting` is taken on its next message for one that may have been paid: uncertain,
+    never sent again. A try whose answer was lost may have gone through: pending then counts."""
+    deadline = time.monotonic() + HAND_BACK_PATIENCE
+    failed = 0
+    while True:
+        try:
+            if t.ctx.runs.hand_back(t.job.run_id, t.job.id, refused=refused, uncount=uncount):
+                return True
+            if not failed:
+                return False
+            cur = t.ctx.runs.get(t.job.run_id, t.job.id)
+            return cur is not None and cur.state == PENDING
+        except StateError as exc:
+            failed += 1
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("handing %s back failed (%s); trying again", t.job.id, exc)
+            time.sleep(backoff(failed, 0.2, 2.0))
 
 
 def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
@@ -207,10 +231,10 @@ def _pending(t: Turn) -> StepResult:
         events.submitted(t.job, "unknown")
         return uncertain(t, SUBMITTING, error=exc.message, reason="submit_outcome_unknown")
     except RateLimited as exc:
+        _unsent(t, refused=True)  # first: nothing was created, and the job must not look sent
         t.ctx.limiter.cool_down("submit", exc.retry_after)
         events.rate_limited(t.job, "submit", exc.retry_after)
         t.ctx.runs.bump(run_id, "http_429")
-        _unsent(t, refused=True)
         if not names_a_rate(exc.message):  # the service wants fewer in flight: give the slot back
             t.ctx.slots.release(key)
             _tell_slots(t.ctx, None)
