@@ -304,16 +304,23 @@ class RunStore:
         return str(self._claim(keys=[self.keys(run_id).job(job_id)], args=[token, repr(time.time())]))
 
     @translated
-    def mark_posted(self, run_id: str, job_id: str, token: str, halt_key: str, budget_key: str) -> str:
-        """'ok': the POST may leave now (and the job is marked as sent); 'lost': the job is no
+    def mark_posted(
+        self, run_id: str, job_id: str, token: str, halt_key: str, budget_key: str, *, posted_at: float | None = None
+    ) -> str:
+        """'ok': the POST may leave now (and the job is marked as sent, at `posted_at`: the mark
+        a refused POST's hand-back names to show the claim is its own); 'lost': the job is no
         longer this message's; 'halted:<reason>': the run stopped its submits; 'budget:<why>':
         its budget stopped them."""
         keys = [self.keys(run_id).job(job_id), halt_key, budget_key]
-        return str(self._post(keys=keys, args=[token, repr(time.time())]))
+        return str(self._post(keys=keys, args=[token, repr(time.time() if posted_at is None else posted_at)]))
 
     @translated
-    def hand_back(self, run_id: str, job_id: str, *, refused: bool = False, uncount: bool = True) -> bool:
-        """A claimed submit that never left is pending again; False if it left (or was not claimed).
-        `refused`: the POST left but the service's answer proves nothing was created."""
-        args = [repr(time.time()), "1" if refused else "0", "1" if uncount else "0"]
-        return bool(int(self._hand_back(keys=[self.keys(run_id).job(job_id)], args=args)))
+    def hand_back(
+        self, run_id: str, job_id: str, *, refused: bool = False, uncount: bool = True, posted_at: float | None = None
+    ) -> str:
+        """A claimed submit that never left is pending again: 'ok'; 'kept' if it left (or is not
+        claimed); 'gone' if the job is not in Redis. `refused`: the POST marked at `posted_at`
+        left, but the service's answer proves nothing was created."""
+        posted = "" if posted_at is None else repr(posted_at)
+        args = [repr(time.time()), "1" if refused else "0", "1" if uncount else "0", posted]
+        return str(self._hand_back(keys=[self.keys(run_id).job(job_id)], args=args))

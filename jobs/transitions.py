@@ -68,15 +68,19 @@ return 'ok'
 """
 
 # A claimed submit that never left goes back to pending. A POST that left is handed back only
-# when the service's answer proved nothing was created (ARGV[2] == '1'); with ARGV[3] == '1' the
-# attempt does not count.
+# when the service's answer proved nothing was created (ARGV[2] == '1'), and only by the claim
+# that sent it (ARGV[4], the `posted_at` it marked): a hand-back tried again after its answer was
+# lost must not undo another message's claim that has sent its own POST since. With ARGV[3] ==
+# '1' the attempt does not count. 'gone': the job is not in Redis (it was lost with its run).
 HAND_BACK = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'submitting' then return 0 end
-if ARGV[2] ~= '1' and redis.call('HEXISTS', KEYS[1], 'posted_at') == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'gone' end
+if redis.call('HGET', KEYS[1], 'state') ~= 'submitting' then return 'kept' end
+local posted = redis.call('HGET', KEYS[1], 'posted_at')
+if posted and (ARGV[2] ~= '1' or posted ~= ARGV[4]) then return 'kept' end
 redis.call('HSET', KEYS[1], 'state', 'pending', 'updated_at', ARGV[1])
 redis.call('HDEL', KEYS[1], 'posted_at')
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
-return 1
+return 'ok'
 """
 
 # The next message's token is announced (and the job's due time moved to when it should run)

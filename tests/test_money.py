@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import redis
 
 from jobs.config import WorkerSettings
 from jobs.records import PENDING, SUBMITTED, SUCCEEDED, UNCERTAIN
+from jobs.restore import Restore, restore_as
 from manifests.errors import StateError
 from sandbox.server import SandboxProcess
 from tests.chaos.redis_server import RedisServer
@@ -177,6 +179,121 @@ def test_redis_away_right_after_a_refused_post_leaves_the_job_pending_not_uncert
         job = ctx.runs.get(run_id, "sku-1")
         assert job is not None and job.prediction_id, job
         assert sandbox.accounting()["created"] == 1  # this run's one prediction (the reset cleared the other's)
+    finally:
+        server.stop()
+
+
+def _occupied(sandbox: SandboxProcess) -> None:
+    """The service's one place is taken by another client's prediction: a submit is refused (429)."""
+    sandbox.reset(delay="fixed:30", max_in_flight=1)
+    with make_client(sandbox) as other:
+        url = other.upload("x.png", image_bytes(), "image/png")
+        other.submit("bytedance/seedream-v4/edit", {"prompt": "occupier", "images": [url]})
+
+
+@pytest.mark.parametrize("second", ["a copy of the message", "a takeover"])
+def test_a_hand_back_tried_again_after_its_answer_was_lost_leaves_a_later_sent_claim_alone(
+    sandbox: SandboxProcess,
+    redis_url: str,
+    prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    second: str,
+) -> None:
+    """Worker A's POST is refused; its hand-back reaches Redis but the answer is lost, so A tries
+    again. Meanwhile B (a second copy of the message, or a takeover) claims the job and POSTs.
+    A's second try must not hand back B's claim: the job is sent once, its result kept."""
+    _occupied(sandbox)
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    a, b = Context(settings), Context(settings)
+    b_token = "0" if second == "a copy of the message" else "takeover"
+    b_posting, a_retried = threading.Event(), threading.Event()
+    client_b = b.client(b.meta(run_id).api_base)
+    real_submit_b = client_b.submit
+
+    def submit_b(*args: Any, **kwargs: Any) -> Any:  # B's POST is on its way while A tries again
+        b_posting.set()
+        assert a_retried.wait(30)
+        return real_submit_b(*args, **kwargs)
+
+    monkeypatch.setattr(client_b, "submit", submit_b)
+    results: dict[str, Any] = {}
+
+    def drive_b() -> None:
+        if second == "a takeover":
+            b.runs.force_token(run_id, "sku-1", b_token)
+        results["b"] = steps.advance(b, run_id, "sku-1", b_token, due_at=0.0)
+
+    real_hand_back = a.runs.hand_back
+    answers: list[str] = []
+    thread_b = threading.Thread(target=drive_b)
+
+    def hand_back_a(*args: Any, **kwargs: Any) -> str:
+        got = real_hand_back(*args, **kwargs)
+        answers.append(got)
+        if len(answers) == 1:  # it went through in Redis; its answer is lost on the way back
+            sandbox.configure(delay="fixed:0.5", max_in_flight=0)  # the service has room again
+            thread_b.start()
+            assert b_posting.wait(30), "B never reached its POST"
+            raise StateError("Redis failed in RunStore.hand_back: connection reset (the answer lost)")
+        a_retried.set()
+        return got
+
+    monkeypatch.setattr(a.runs, "hand_back", hand_back_a)
+    steps.advance(a, run_id, "sku-1", "0", due_at=0.0)
+    thread_b.join(60)
+    monkeypatch.undo()
+    assert answers == ["ok", "kept"]  # the second try left B's sent claim alone
+    job = a.runs.get(run_id, "sku-1")
+    assert job is not None and job.state == SUBMITTED and job.prediction_id, job
+    token = job.token
+
+    def ended() -> bool:  # the job's next messages
+        steps.advance(a, run_id, "sku-1", token, due_at=0.0)
+        return bool(a.runs.get(run_id, "sku-1").final)  # type: ignore[union-attr]
+
+    wait_for(ended, timeout=60, interval=0.2, what="the job to end")
+    job = a.runs.get(run_id, "sku-1")
+    acc = sandbox.accounting()
+    assert job is not None and job.state == SUCCEEDED, job
+    assert acc["prompts_posted"]["white marble"] == 2  # A's refused POST and B's: sent once
+    assert acc["duplicate_fingerprints"] == [] and stored_record(folder)["prediction_id"] == job.prediction_id
+
+
+def test_a_refused_post_whose_job_redis_lost_meanwhile_is_pending_in_its_record(
+    sandbox: SandboxProcess, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The POST is refused, and Redis comes back from an outage without its data: the job is gone
+    from Redis, and its record says `submitting`, sent. A resume from storage would take it for a
+    POST that may have been paid (uncertain, never sent again): the record must say pending."""
+    _occupied(sandbox)
+    data = tmp_path / "redis"
+    data.mkdir()
+    server = RedisServer(data).start()
+    try:
+        settings, run_id, folder = one_job(sandbox, server.url, prefix, tmp_path)
+        ctx = Context(settings)
+        client = ctx.client(ctx.meta(run_id).api_base)
+        ctx.storage(run_id)  # opened while Redis answers
+        real_submit = client.submit
+
+        def submit(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real_submit(*args, **kwargs)  # refused: the service's one place is taken
+            finally:
+                server.stop()
+                shutil.rmtree(data)  # ... and its data is lost (a replacement instance, a lost volume)
+                data.mkdir()
+                threading.Timer(1.0, server.start).start()
+
+        monkeypatch.setattr(client, "submit", submit)
+        steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
+        wait_for(server.answers, timeout=20, what="Redis back")
+        monkeypatch.undo()
+        assert ctx.runs.get(run_id, "sku-1") is None  # the run is gone from Redis
+        record = stored_record(folder)
+        assert record["state"] == PENDING and restore_as(record) is not Restore.MAYBE_SENT, record
+        assert sandbox.accounting()["rejected_in_flight"] == 1
     finally:
         server.stop()
 

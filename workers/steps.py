@@ -100,8 +100,10 @@ def _unsent(t: Turn, *, refused: bool = False, uncount: bool = True, rewrite: bo
     """The submit did not leave (or the service refused it): the job is pending again, in Redis
     and then, if its record was stored as sent (`refused`, `rewrite`), in its durable record,
     so neither the watchdog nor a resume from storage takes it for a sent one. False when it
-    had left and `refused` does not say otherwise."""
-    if not _hand_back(t, refused=refused, uncount=uncount):
+    had left and `refused` does not say otherwise. A job Redis lost meanwhile is pending in
+    its record: a resume from storage must not take a refused POST for a sent one."""
+    got = _hand_back(t, refused=refused, uncount=uncount)
+    if got == "kept":
         return False
     t.job.state, t.job.posted_at = PENDING, None
     if refused or rewrite:
@@ -109,21 +111,23 @@ def _unsent(t: Turn, *, refused: bool = False, uncount: bool = True, rewrite: bo
     return True
 
 
-def _hand_back(t: Turn, *, refused: bool, uncount: bool) -> bool:
-    """Hand the claim back, trying again through a Redis outage of up to HAND_BACK_PATIENCE
-    seconds: only this worker knows the submit did not leave (or was refused), and a job left
-    `submitting` is taken on its next message for one that may have been paid: uncertain,
-    never sent again. A try whose answer was lost may have gone through: pending then counts."""
+def _hand_back(t: Turn, *, refused: bool, uncount: bool) -> str:
+    """Hand the claim back ('ok', 'kept' or 'gone', as RunStore.hand_back), trying again through
+    a Redis outage of up to HAND_BACK_PATIENCE seconds: only this worker knows the submit did not
+    leave (or was refused), and a job left `submitting` is taken on its next message for one that
+    may have been paid: uncertain, never sent again. A try whose answer was lost may have gone
+    through: a job then pending counts as handed back; one another message has claimed since
+    (and may have sent) is kept, its claim untouched (the script checks the POST's mark)."""
     deadline = time.monotonic() + HAND_BACK_PATIENCE
+    posted_at = t.job.posted_at if refused else None
     failed = 0
     while True:
         try:
-            if t.ctx.runs.hand_back(t.job.run_id, t.job.id, refused=refused, uncount=uncount):
-                return True
-            if not failed:
-                return False
+            got = t.ctx.runs.hand_back(t.job.run_id, t.job.id, refused=refused, uncount=uncount, posted_at=posted_at)
+            if got != "kept" or not failed:
+                return got
             cur = t.ctx.runs.get(t.job.run_id, t.job.id)
-            return cur is not None and cur.state == PENDING
+            return "ok" if cur is not None and cur.state == PENDING else "kept"
         except StateError as exc:
             failed += 1
             if time.monotonic() >= deadline:
@@ -210,7 +214,9 @@ def _pending(t: Turn) -> StepResult:
         n = t.ctx.runs.incr(run_id, t.job.id, "store_attempts")
         events.retry(t.job, "store_record", n, "the record could not be stored before the submit")
         return Wait(backoff(n, 1.0, 30.0))
-    verdict = t.ctx.runs.mark_posted(run_id, t.job.id, t.job.token, t.ctx.control.key(run_id), budget.keys[0])
+    verdict = t.ctx.runs.mark_posted(
+        run_id, t.job.id, t.job.token, t.ctx.control.key(run_id), budget.keys[0], posted_at=t.job.posted_at
+    )
     if verdict == "lost":
         # Taken over while this worker stood still: never POST for it, and if the job ended
         # meanwhile, make sure its final record is the one in storage (its new driver writes
