@@ -298,21 +298,22 @@ class RunStore:
         return bool(int(self._reopen(keys=keys, args=[from_state, to_state, token, "1" if paid_again else "0"])))
 
     @translated
-    def claim(self, run_id: str, job_id: str, token: str) -> str:
-        """'ok' when this message (holding `token`) took the pending job for its submit; 'stale'
-        when another message drives it; otherwise the state it is in."""
-        return str(self._claim(keys=[self.keys(run_id).job(job_id)], args=[token, repr(time.time())]))
+    def claim(self, run_id: str, job_id: str, token: str, claim: str) -> str:
+        """'ok' when this message (holding `token`) took the pending job for its submit, as the
+        claim named `claim` (its own: `mark_posted` checks it); 'stale' when another message
+        drives it; otherwise the state it is in."""
+        return str(self._claim(keys=[self.keys(run_id).job(job_id)], args=[token, repr(time.time()), claim]))
 
     @translated
     def mark_posted(
-        self, run_id: str, job_id: str, token: str, halt_key: str, budget_key: str, *, posted_at: float | None = None
+        self, run_id: str, job_id: str, token: str, halt_key: str, budget_key: str, *, claim: str, posted_at: float
     ) -> str:
         """'ok': the POST may leave now (and the job is marked as sent, at `posted_at`: the mark
         a refused POST's hand-back names to show the claim is its own); 'lost': the job is no
-        longer this message's; 'halted:<reason>': the run stopped its submits; 'budget:<why>':
+        longer this claim's; 'halted:<reason>': the run stopped its submits; 'budget:<why>':
         its budget stopped them."""
         keys = [self.keys(run_id).job(job_id), halt_key, budget_key]
-        return str(self._post(keys=keys, args=[token, repr(time.time() if posted_at is None else posted_at)]))
+        return str(self._post(keys=keys, args=[token, repr(posted_at), claim]))
 
     @translated
     def hand_back(

@@ -42,23 +42,25 @@ redis.call('HSET', KEYS[1], 'cost_micros', '0')
 return 1
 """
 
-# The claim before a POST: only the message holding the job's token may take it.
+# The claim before a POST: only the message holding the job's token may take it. Each claim is
+# named (ARGV[3]): two copies of one message hold the same token, and a claim handed back and
+# taken again by the other copy must not let the first one's last check pass.
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'pending' then return state or '' end
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'stale' end
-redis.call('HSET', KEYS[1], 'state', 'submitting', 'updated_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'submitting', 'updated_at', ARGV[2], 'claim', ARGV[3])
 redis.call('HDEL', KEYS[1], 'posted_at')
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return 'ok'
 """
 
-# The last check before a POST, and the mark that it leaves: the job is still claimed by this
-# message's token, its run is not halted and its budget not stopped. Once `posted_at` is set the
-# job is never handed back.
+# The last check before a POST, and the mark that it leaves: the job is still this claim's (the
+# message's token and the claim's name), its run is not halted and its budget not stopped. Once
+# `posted_at` is set the job is handed back only as a refused POST, by the claim that sent it.
 POST = """
-local got = redis.call('HMGET', KEYS[1], 'state', 'token')
-if got[1] ~= 'submitting' or got[2] ~= ARGV[1] then return 'lost' end
+local got = redis.call('HMGET', KEYS[1], 'state', 'token', 'claim')
+if got[1] ~= 'submitting' or got[2] ~= ARGV[1] or got[3] ~= ARGV[3] then return 'lost' end
 local halt = redis.call('GET', KEYS[2])
 if halt then return 'halted:' .. halt end
 local stopped = redis.call('HGET', KEYS[3], 'stopped')

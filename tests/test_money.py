@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,16 @@ def test_a_second_copy_of_a_message_cannot_end_a_claimed_submit_uncertain(
     submits once; A's last check then fails, and nothing is uncertain."""
     settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
     a, b = Context(settings), Context(settings)
-    assert a.runs.claim(run_id, "sku-1", "0") == "ok"  # copy A's claim; A now stands still
+    assert a.runs.claim(run_id, "sku-1", "0", "claim-a") == "ok"  # copy A's claim; A now stands still
     b_wait = steps.advance(b, run_id, "sku-1", "0", due_at=0.0)
     job = b.runs.get(run_id, "sku-1")
     assert job is not None and job.state == SUBMITTED and job.prediction_id, job
     assert isinstance(b_wait, Wait) and b_wait.seconds > 0
     budget_key = a.budget(a.meta(run_id).budget_scope).keys[0]
-    assert a.runs.mark_posted(run_id, "sku-1", "0", a.control.key(run_id), budget_key) == "lost"  # A never sends
+    a_mark = a.runs.mark_posted(
+        run_id, "sku-1", "0", a.control.key(run_id), budget_key, claim="claim-a", posted_at=time.time()
+    )
+    assert a_mark == "lost"  # A never sends
     assert sandbox.accounting()["created"] == 1
     assert stored_record(folder)["prediction_id"] == job.prediction_id
 
@@ -181,6 +185,62 @@ def test_redis_away_right_after_a_refused_post_leaves_the_job_pending_not_uncert
         assert sandbox.accounting()["created"] == 1  # this run's one prediction (the reset cleared the other's)
     finally:
         server.stop()
+
+
+def test_a_copy_of_the_message_that_claims_again_stops_the_first_copys_post(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two copies of one message (one token). B claims and stands still in its record write,
+    before its last check. C finds the job `submitting` with no POST mark, hands B's claim back and
+    claims it again itself. B's last check must fail though its token is the job's: each claim is
+    named, and the job is sent once."""
+    sandbox.reset(delay="fixed:0.5")
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    b, c = Context(settings), Context(settings)
+    b_writing, c_claimed, b_checked = threading.Event(), threading.Event(), threading.Event()
+    real_write = steps._write_record
+
+    def write_record(ctx: Context, rec: Any, tries: int = 1) -> bool:
+        if rec.state == "submitting" and ctx is b and not b_writing.is_set():
+            b_writing.set()
+            assert c_claimed.wait(30)  # B stands still until C holds the claim
+        elif rec.state == "submitting" and ctx is c and not c_claimed.is_set():
+            c_claimed.set()
+            assert b_checked.wait(30)  # B's last check runs while C holds the claim
+        return bool(real_write(ctx, rec, tries))
+
+    monkeypatch.setattr(steps, "_write_record", write_record)
+    real_mark_b = b.runs.mark_posted
+    marks: list[str] = []
+
+    def mark_b(*args: Any, **kwargs: Any) -> str:
+        marks.append(real_mark_b(*args, **kwargs))
+        b_checked.set()
+        return marks[-1]
+
+    monkeypatch.setattr(b.runs, "mark_posted", mark_b)
+    thread_b = threading.Thread(target=lambda: steps.advance(b, run_id, "sku-1", "0", due_at=0.0))
+    thread_b.start()
+    assert b_writing.wait(30)
+
+    def c_claims() -> bool:
+        steps.advance(c, run_id, "sku-1", "0", due_at=0.0)
+        return c_claimed.is_set()
+
+    wait_for(c_claims, timeout=30, what="copy C to claim the job again")
+    thread_b.join(60)
+    monkeypatch.undo()
+    assert marks == ["lost"]  # B's claim was handed back and taken again by C: B never POSTs
+    token = c.runs.get(run_id, "sku-1").token  # type: ignore[union-attr]
+
+    def ended() -> bool:
+        steps.advance(c, run_id, "sku-1", token, due_at=0.0)
+        return bool(c.runs.get(run_id, "sku-1").final)  # type: ignore[union-attr]
+
+    wait_for(ended, timeout=60, interval=0.2, what="the job to end")
+    acc = sandbox.accounting()
+    assert acc["created"] == 1 and acc["duplicate_fingerprints"] == [], acc["created"]
+    assert stored_record(folder)["prediction_id"] == acc["prediction_ids"][0]
 
 
 def _occupied(sandbox: SandboxProcess) -> None:

@@ -5,6 +5,7 @@ to. No Celery, no sandbox: a change to a step is checked here before the end-to-
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,8 +224,11 @@ def test_a_sender_lost_after_its_post_left_is_uncertain_without_a_second_post(
     ctx, run_id = h.ctx, h.run_id
     budget = ctx.budget(ctx.meta(run_id).budget_scope)
     assert budget.reserve(ending.entry(h.job()), h.reservation())
-    assert ctx.runs.claim(run_id, JOB, TOKEN) == "ok"
-    assert ctx.runs.mark_posted(run_id, JOB, TOKEN, ctx.control.key(run_id), budget.keys[0]) == "ok"
+    assert ctx.runs.claim(run_id, JOB, TOKEN, "claim") == "ok"
+    mark = ctx.runs.mark_posted(
+        run_id, JOB, TOKEN, ctx.control.key(run_id), budget.keys[0], claim="claim", posted_at=time.time()
+    )
+    assert mark == "ok"
     monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)  # the sender's time-outs have passed
     assert h.drive() == "done"
     job = h.job()

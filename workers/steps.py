@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +194,8 @@ def _pending(t: Turn) -> StepResult:
             return end(t, PENDING, FAILED, error=str(exc), reason="input")
         events.retry(t.job, "presign", n, str(exc))
         return Wait(backoff(n))
-    claimed = t.ctx.runs.claim(run_id, t.job.id, t.job.token)
+    claim = uuid.uuid4().hex  # this claim's own name: a copy of the message holds the same token
+    claimed = t.ctx.runs.claim(run_id, t.job.id, t.job.token, claim)
     if claimed == "stale":
         return Stale()
     if claimed != "ok":
@@ -208,14 +210,14 @@ def _pending(t: Turn) -> StepResult:
     # `submitting`. It is written just before the last check, so that only the send itself stands
     # between the check that marks the POST as leaving and the POST, and nothing but these two
     # steps between the record saying "sent" and the mark.
-    t.job.posted_at = time.time()
+    t.job.posted_at = posted_at = time.time()
     if not _write_record(t.ctx, t.job):
         _unsent(t)
         n = t.ctx.runs.incr(run_id, t.job.id, "store_attempts")
         events.retry(t.job, "store_record", n, "the record could not be stored before the submit")
         return Wait(backoff(n, 1.0, 30.0))
     verdict = t.ctx.runs.mark_posted(
-        run_id, t.job.id, t.job.token, t.ctx.control.key(run_id), budget.keys[0], posted_at=t.job.posted_at
+        run_id, t.job.id, t.job.token, t.ctx.control.key(run_id), budget.keys[0], claim=claim, posted_at=posted_at
     )
     if verdict == "lost":
         # Taken over while this worker stood still: never POST for it, and if the job ended
