@@ -277,11 +277,8 @@ class Layers:
 
     def parse(self) -> Settings:
         """Every setting as its type, its default where it was not given."""
-        values = {s.name: _parse(s, self._text(s), where=self._where(s)) for s in SETTINGS}
+        values = {s.name: _parse(s, self.texts.get(s.name, s.default), where=self._where(s)) for s in SETTINGS}
         return Settings(**values, layers=self)
-
-    def _text(self, setting: Setting) -> str:
-        return self.texts.get(setting.name, setting.default)
 
     def _where(self, setting: Setting) -> str:
         source = self.sources.get(setting.name, "default")

@@ -101,6 +101,14 @@ def test_a_worker_that_dies_while_waiting_for_its_send_time_leaves_the_job_pendi
     assert sandbox.accounting()["created"] == 1
 
 
+def _occupied(sandbox: SandboxProcess) -> None:
+    """The service's one place is taken by another client's prediction: a submit is refused (429)."""
+    sandbox.reset(delay="fixed:30", max_in_flight=1)
+    with make_client(sandbox) as other:
+        url = other.upload("x.png", image_bytes(), "image/png")
+        other.submit("bytedance/seedream-v4/edit", {"prompt": "occupier", "images": [url]})
+
+
 def _stop_redis_after_the_post(ctx: Context, run_id: str, server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     client = ctx.client(ctx.meta(run_id).api_base)
     ctx.storage(run_id)  # opened while Redis answers
@@ -143,10 +151,7 @@ def test_redis_away_right_after_a_refused_post_leaves_the_job_pending_not_uncert
     billed) and Redis stops before the refusal is recorded, for two seconds: the worker keeps
     handing the claim back until Redis answers, so the job is pending, not `submitting` (which
     its next message would end uncertain, never sent again), and it is then sent once and paid once."""
-    sandbox.reset(delay="fixed:30", max_in_flight=1)
-    with make_client(sandbox) as other:  # another client's prediction holds the service's one place
-        url = other.upload("x.png", image_bytes(), "image/png")
-        other.submit("bytedance/seedream-v4/edit", {"prompt": "occupier", "images": [url]})
+    _occupied(sandbox)
     server = RedisServer(tmp_path).start()
     try:
         settings, run_id, folder = one_job(sandbox, server.url, prefix, tmp_path)
@@ -241,14 +246,6 @@ def test_a_copy_of_the_message_that_claims_again_stops_the_first_copys_post(
     acc = sandbox.accounting()
     assert acc["created"] == 1 and acc["duplicate_fingerprints"] == [], acc["created"]
     assert stored_record(folder)["prediction_id"] == acc["prediction_ids"][0]
-
-
-def _occupied(sandbox: SandboxProcess) -> None:
-    """The service's one place is taken by another client's prediction: a submit is refused (429)."""
-    sandbox.reset(delay="fixed:30", max_in_flight=1)
-    with make_client(sandbox) as other:
-        url = other.upload("x.png", image_bytes(), "image/png")
-        other.submit("bytedance/seedream-v4/edit", {"prompt": "occupier", "images": [url]})
 
 
 @pytest.mark.parametrize("second", ["a copy of the message", "a takeover"])
