@@ -20,7 +20,7 @@ import redis
 from jobs.config import WorkerSettings
 from jobs.records import PENDING, SUBMITTED, SUCCEEDED, UNCERTAIN
 from jobs.restore import Restore, restore_as
-from manifests.errors import StateError
+from manifests.errors import StateError, StorageError
 from sandbox.server import SandboxProcess
 from tests.chaos.redis_server import RedisServer
 from tests.conftest import make_client
@@ -41,7 +41,7 @@ def test_a_second_copy_of_a_message_cannot_end_a_claimed_submit_uncertain(
     submits once; A's last check then fails, and nothing is uncertain."""
     settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
     a, b = Context(settings), Context(settings)
-    assert a.runs.claim(run_id, "sku-1", "0", "claim-a") == "ok"  # copy A's claim; A now stands still
+    assert a.runs.claim(run_id, "sku-1", "0", "claim-a")[0] == "ok"  # copy A's claim; A now stands still
     b_wait = steps.advance(b, run_id, "sku-1", "0", due_at=0.0)
     job = b.runs.get(run_id, "sku-1")
     assert job is not None and job.state == SUBMITTED and job.prediction_id, job
@@ -197,19 +197,25 @@ def test_a_copy_of_the_message_that_claims_again_stops_the_first_copys_post(
 ) -> None:
     """Two copies of one message (one token). B claims and stands still in its record write,
     before its last check. C finds the job `submitting` with no POST mark, hands B's claim back and
-    claims it again itself. B's last check must fail though its token is the job's: each claim is
-    named, and the job is sent once."""
+    claims it again itself. B must not POST though its token is the job's: its record write,
+    landing after C's hand-back was recorded, is refused (a later record is stored), and were it
+    not, its last check would fail (each claim is named). The job is sent once."""
     sandbox.reset(delay="fixed:0.5")
     settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
     b, c = Context(settings), Context(settings)
     b_writing, c_claimed, b_checked = threading.Event(), threading.Event(), threading.Event()
     real_write = steps._write_record
+    b_writes: list[bool] = []
 
     def write_record(ctx: Context, rec: Any, tries: int = 1) -> bool:
         if rec.state == "submitting" and ctx is b and not b_writing.is_set():
             b_writing.set()
             assert c_claimed.wait(30)  # B stands still until C holds the claim
-        elif rec.state == "submitting" and ctx is c and not c_claimed.is_set():
+            b_writes.append(real_write(ctx, rec, tries))
+            if not b_writes[-1]:
+                b_checked.set()  # B stops here: it never reaches its last check
+            return b_writes[-1]
+        if rec.state == "submitting" and ctx is c and not c_claimed.is_set():
             c_claimed.set()
             assert b_checked.wait(30)  # B's last check runs while C holds the claim
         return bool(real_write(ctx, rec, tries))
@@ -235,7 +241,7 @@ def test_a_copy_of_the_message_that_claims_again_stops_the_first_copys_post(
     wait_for(c_claims, timeout=30, what="copy C to claim the job again")
     thread_b.join(60)
     monkeypatch.undo()
-    assert marks == ["lost"]  # B's claim was handed back and taken again by C: B never POSTs
+    assert b_writes == [False] and marks == []  # B's claim was handed back and taken again by C: B never POSTs
     token = c.runs.get(run_id, "sku-1").token  # type: ignore[union-attr]
 
     def ended() -> bool:
@@ -353,6 +359,83 @@ def test_a_refused_post_whose_job_redis_lost_meanwhile_is_pending_in_its_record(
         assert sandbox.accounting()["rejected_in_flight"] == 1
     finally:
         server.stop()
+
+
+def test_a_refused_posts_record_write_that_lands_late_leaves_a_later_claims_record_alone(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's POST is refused and its claim handed back; its `pending` record write fails once and is
+    tried again. Meanwhile B (another copy of the message) claims, POSTs and records the prediction.
+    A's retry lands last: it must not replace B's record, or a resume from storage after Redis lost
+    the run would take the job for never sent and pay for it again."""
+    _occupied(sandbox)
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    a, b = Context(settings), Context(settings)
+    store_a = a.storage(run_id)
+    real_put = store_a.put_json_if
+    late: list[bool] = []
+
+    def put_a(key: str, obj: Any, allowed: Any) -> bool:
+        if obj["state"] == PENDING and not late:  # A's hand-back is recorded: its first write fails
+            late.append(False)
+            sandbox.configure(delay="fixed:0.5", max_in_flight=0)  # the service has room again
+            thread_b = threading.Thread(target=lambda: steps.advance(b, run_id, "sku-1", "0", due_at=0.0))
+            thread_b.start()
+            thread_b.join(60)
+            raise StorageError("S3 put failed: SlowDown")
+        written = real_put(key, obj, allowed)
+        if obj["state"] == PENDING:
+            late.append(written)
+        return written
+
+    monkeypatch.setattr(store_a, "put_json_if", put_a)
+    steps.advance(a, run_id, "sku-1", "0", due_at=0.0)
+    monkeypatch.undo()
+    job = b.runs.get(run_id, "sku-1")
+    assert job is not None and job.state == SUBMITTED and job.prediction_id, job
+    record = stored_record(folder)
+    assert record["prediction_id"] == job.prediction_id, record
+    assert restore_as(record) is Restore.POLL_AGAIN  # a resume from storage polls it, never sends it again
+    assert late == [False, False]  # A's retry found B's later record and left it
+    acc = sandbox.accounting()
+    assert acc["rejected_in_flight"] == 1 and acc["prompts_posted"]["white marble"] == 2
+
+
+def test_a_claims_record_written_after_a_later_claim_sent_does_not_hide_its_prediction(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copy A claims and stands still before its record write; copy C hands A's unsent claim back,
+    claims, POSTs and records the prediction id. A's `submitting` record then lands (and its last
+    check fails): storage must keep C's record, or a resume from storage would count a paid
+    prediction as uncertain and lose its result; and nothing is sent twice."""
+    sandbox.reset(delay="fixed:0.5")
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    a, c = Context(settings), Context(settings)
+    real_write = steps._write_record
+    a_writes: list[bool] = []
+
+    def write_record(ctx: Context, rec: Any, tries: int = 1) -> bool:
+        if rec.state == "submitting" and ctx is a:  # A stands still here until C has sent and recorded
+
+            def c_recorded() -> bool:
+                steps.advance(c, run_id, "sku-1", "0", due_at=0.0)
+                got = c.runs.get(run_id, "sku-1")
+                return got is not None and got.state == SUBMITTED
+
+            wait_for(c_recorded, timeout=30, what="copy C to send and record the job")
+            a_writes.append(real_write(ctx, rec, tries))
+            return a_writes[-1]
+        return bool(real_write(ctx, rec, tries))
+
+    monkeypatch.setattr(steps, "_write_record", write_record)
+    steps.advance(a, run_id, "sku-1", "0", due_at=0.0)
+    monkeypatch.undo()
+    job = c.runs.get(run_id, "sku-1")
+    assert job is not None and job.state == SUBMITTED and job.prediction_id, job
+    record = stored_record(folder)
+    assert record["prediction_id"] == job.prediction_id and restore_as(record) is Restore.POLL_AGAIN, record
+    assert a_writes == [False]
+    assert sandbox.accounting()["created"] == 1
 
 
 def test_redis_away_longer_than_the_worker_holds_on_the_id_is_read_back_from_storage(

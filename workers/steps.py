@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.control import AUTH, PAYMENT, refused_by
-from jobs.records import FAILED, FETCHING, PENDING, SKIPPED, SUBMITTED, SUBMITTING, UNCERTAIN, JobRecord
+from jobs.records import FAILED, FETCHING, PENDING, SKIPPED, SUBMITTED, SUBMITTING, UNCERTAIN, JobRecord, store_record
 from jobs.retry import backoff
 from jobs.secret import redact_links
 from manifests.errors import (
@@ -138,10 +138,14 @@ def _hand_back(t: Turn, *, refused: bool, uncount: bool) -> str:
 
 
 def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
+    """The record in storage, unless a later one of the job is there already (a write that lands
+    late must not undo it: jobs/records.record_order). False when it was not written."""
     for n in range(tries):
         try:
-            ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
-            return True
+            if store_record(ctx.storage(rec.run_id), rec):
+                return True
+            log.warning("record of %s not stored: storage holds a later one", rec.id)
+            return False
         except StorageError as exc:  # written again when the job ends
             log.warning("record of %s not stored (%s)", rec.id, exc)
             if n + 1 < tries:
@@ -195,13 +199,13 @@ def _pending(t: Turn) -> StepResult:
         events.retry(t.job, "presign", n, str(exc))
         return Wait(backoff(n))
     claim = uuid.uuid4().hex  # this claim's own name: a copy of the message holds the same token
-    claimed = t.ctx.runs.claim(run_id, t.job.id, t.job.token, claim)
+    claimed, epoch = t.ctx.runs.claim(run_id, t.job.id, t.job.token, claim)
     if claimed == "stale":
         return Stale()
     if claimed != "ok":
         return Next()
     events.moved(t.job, PENDING, SUBMITTING)
-    t.job.state, t.job.attempts = SUBMITTING, t.job.attempts + 1
+    t.job.state, t.job.attempts, t.job.epoch = SUBMITTING, t.job.attempts + 1, epoch
     params: dict[str, Any] = {"prompt": t.job.spec.prompt, "images": links, **t.job.spec.params}
     if t.job.spec.size:
         params["size"] = t.job.spec.size
@@ -327,8 +331,10 @@ def _adopt(t: Turn, state: str) -> StepResult:
         if cur is not None and not cur.prediction_id:
             t.ctx.runs.update(run_id, t.job.id, prediction_id=t.job.prediction_id)
         return Stale()
-    if not t.ctx.runs.reopen(run_id, t.job.id, UNCERTAIN, SUBMITTED, t.job.token):
+    epoch = t.ctx.runs.reopen(run_id, t.job.id, UNCERTAIN, SUBMITTED, t.job.token)
+    if not epoch:
         return Stale()
+    t.job.epoch = epoch  # its record then replaces the stored `uncertain` one
     t.ctx.budget(t.run.budget_scope).unsettle(entry(t.job))
     t.ctx.runs.update(run_id, t.job.id, prediction_id=t.job.prediction_id, submitted_at=repr(t.job.submitted_at),
                     record_written="0")  # fmt: skip
