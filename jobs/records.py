@@ -77,8 +77,15 @@ def record_order(rec: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def replaces(new: Mapping[str, Any], stored: Any) -> bool:
-    """Whether `new` may be written over the stored record (None when there is none)."""
-    return not isinstance(stored, Mapping) or record_order(new) >= record_order(stored)
+    """Whether `new` may be written over the stored record (None when there is none). Two claims
+    named differently in one epoch mean Redis came back from an older copy of its data and gave a
+    forgotten claim's epoch again: the stored record, which may say a POST left, is kept."""
+    if not isinstance(stored, Mapping):
+        return True
+    ours, theirs = record_order(new), record_order(stored)
+    if ours[0] == theirs[0] and new.get("claim") and stored.get("claim") and new["claim"] != stored["claim"]:
+        return False
+    return ours >= theirs
 
 
 def store_record(storage: Storage, rec: JobRecord) -> bool:
@@ -118,6 +125,7 @@ class JobRecord:
     reused_from: str = ""  # "<run>/<job>" whose stored outputs this job copied instead of paying
     saved_micros: int = 0  # what the reused edit cost when it was made: not spent again
     epoch: int = 0  # bumped by each claim and each reopening: orders the durable records (record_order)
+    claim: str = ""  # the name of the epoch's claim (a random id), if it began with one
 
     @property
     def final(self) -> bool:
@@ -179,6 +187,7 @@ class JobRecord:
             "reused_from": self.reused_from,
             "saved_micros": self.saved_micros,
             "epoch": self.epoch,
+            "claim": self.claim,
         }
 
     @classmethod
@@ -233,6 +242,7 @@ class JobRecord:
             reused_from=raw.get("reused_from", ""),
             saved_micros=int(raw.get("saved_micros") or 0),
             epoch=int(raw.get("epoch") or 0),
+            claim=raw.get("claim", ""),
         )
 
 

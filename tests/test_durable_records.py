@@ -42,6 +42,9 @@ def rec(epoch: int | None, state: str, prediction_id: str = "") -> dict[str, Any
         (rec(1, SUBMITTING), rec(None, SUBMITTED, "p"), True),  # a record from before epochs is the oldest
         (rec(0, SUBMITTING), rec(None, SUBMITTED, "p"), False),
         (rec(1, PENDING), "not a record", True),
+        ({**rec(1, SUBMITTING), "claim": "b"}, {**rec(1, SUBMITTING), "claim": "a"}, False),  # Redis gave epoch 1 again
+        ({**rec(1, PENDING), "claim": "a"}, {**rec(1, SUBMITTING), "claim": "a"}, True),
+        ({**rec(2, SUBMITTING), "claim": "b"}, {**rec(1, SUBMITTING), "claim": "a"}, True),
     ],
 )
 def test_a_record_replaces_only_an_earlier_one(new: dict[str, Any], stored: Any, written: bool) -> None:

@@ -438,6 +438,86 @@ def test_a_claims_record_written_after_a_later_claim_sent_does_not_hide_its_pred
     assert sandbox.accounting()["created"] == 1
 
 
+def _rolled_back(ctx: Context, run_id: str, old: dict[str, str]) -> None:
+    """The job's hash as an older copy of Redis's data had it (a restart from a snapshot, or an
+    append-only file that lost its last second): the claims since are forgotten, storage is not."""
+    key = ctx.runs.keys(run_id).job("sku-1")
+    ctx.runs.client.delete(key)
+    ctx.runs.client.hset(key, mapping=old)
+
+
+def test_a_job_whose_paid_claim_redis_forgot_polls_the_stored_prediction_and_never_sends_again(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job was sent and its prediction id stored; Redis then comes back from an older copy of
+    its data, with the job pending. Its next claim finds a later record in storage: the prediction
+    is polled and fetched, never sent again."""
+    sandbox.reset(delay="fixed:0.3")
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    ctx = Context(settings)
+    before = ctx.runs.client.hgetall(ctx.runs.keys(run_id).job("sku-1"))
+    steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
+    (pid,) = sandbox.accounting()["prediction_ids"]
+    assert stored_record(folder)["prediction_id"] == pid
+    _rolled_back(ctx, run_id, before)
+    monkeypatch.setattr(steps, "send_settle", lambda ctx: 0.0)
+
+    def ended() -> bool:
+        steps.advance(ctx, run_id, "sku-1", ctx.runs.get(run_id, "sku-1").token, due_at=0.0)  # type: ignore[union-attr]
+        return bool(ctx.runs.get(run_id, "sku-1").final)  # type: ignore[union-attr]
+
+    wait_for(ended, timeout=60, interval=0.2, what="the job to end")
+    job = ctx.runs.get(run_id, "sku-1")
+    acc = sandbox.accounting()
+    assert acc["created"] == 1 and acc["duplicate_fingerprints"] == [], acc["created"]
+    assert job is not None and (job.state, job.prediction_id) == (SUCCEEDED, pid), job
+    assert stored_record(folder)["state"] == SUCCEEDED and stored_record(folder)["prediction_id"] == pid
+
+
+def test_a_job_whose_sent_claim_redis_forgot_is_uncertain_not_sent_again(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The job's record says its POST was leaving (`submitting`, no answer stored); Redis then comes
+    back from an older copy, with the job pending. The POST may have been paid: the job is
+    uncertain, never sent again."""
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    ctx = Context(settings)
+    before = ctx.runs.client.hgetall(ctx.runs.keys(run_id).job("sku-1"))
+    assert ctx.runs.claim(run_id, "sku-1", "0", "lost-claim")[0] == "ok"
+    job = ctx.runs.get(run_id, "sku-1")
+    assert job is not None
+    job.posted_at = time.time()
+    assert steps._write_record(ctx, job)  # the record before the POST; then Redis forgets the claim
+    _rolled_back(ctx, run_id, before)
+    steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
+    job = ctx.runs.get(run_id, "sku-1")
+    assert job is not None and job.state == UNCERTAIN, job
+    assert sandbox.accounting()["created"] == 0  # this test's POST never left; the job is not sent
+    assert stored_record(folder)["state"] == UNCERTAIN
+
+
+def test_a_claim_whose_job_redis_lost_before_its_last_check_leaves_its_record_pending(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record before the POST is stored, then Redis loses the run (a flush) before the last
+    check: the check fails and nothing is sent. The record must not keep saying `submitting`, or a
+    resume from storage would count a POST that never left as uncertain."""
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    ctx = Context(settings)
+    real_mark = ctx.runs.mark_posted
+
+    def mark(*args: Any, **kwargs: Any) -> str:
+        assert stored_record(folder)["state"] == "submitting"
+        ctx.runs.client.delete(ctx.runs.keys(run_id).job("sku-1"))  # Redis lost the job
+        return str(real_mark(*args, **kwargs))
+
+    monkeypatch.setattr(ctx.runs, "mark_posted", mark)
+    steps.advance(ctx, run_id, "sku-1", "0", due_at=0.0)
+    record = stored_record(folder)
+    assert record["state"] == PENDING and restore_as(record) is Restore.UNSENT, record
+    assert sandbox.accounting()["created"] == 0
+
+
 def test_redis_away_longer_than_the_worker_holds_on_the_id_is_read_back_from_storage(
     sandbox: SandboxProcess, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
