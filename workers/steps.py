@@ -243,14 +243,15 @@ def _pending(t: Turn) -> StepResult:
         run_id, t.job.id, t.job.token, t.ctx.control.key(run_id), budget.keys[0], claim=claim, posted_at=posted_at
     )
     if verdict == "lost":
-        # Taken over while this worker stood still: never POST for it, and if the job ended
-        # meanwhile, make sure its final record is the one in storage (its new driver writes
-        # any other state it reaches; until then the record errs on the side of "sent").
+        # Taken over while this worker stood still: never POST for it. Its record just said
+        # `submitting`: it says `pending` again (written only over this claim's own record, never
+        # over a later one), so neither a resume nor a claim Redis gave the same epoch takes a POST
+        # that never left for a sent one. If the job ended meanwhile, its final record is the one
+        # in storage (its new driver writes any other state it reaches).
+        t.job.state, t.job.posted_at = PENDING, None
+        _write_record(t.ctx, t.job)
         cur = t.ctx.runs.get(run_id, t.job.id)
-        if cur is None:  # Redis lost the job with its run: this claim never sent, and its record must say so
-            t.job.state, t.job.posted_at = PENDING, None
-            _write_record(t.ctx, t.job)
-        elif cur.settled:
+        if cur is not None and cur.settled:
             _write_record(t.ctx, cur)
         return Stale()
     if verdict != "ok":
@@ -409,7 +410,11 @@ def _submitting(t: Turn) -> StepResult:
     if t.job.posted_at is None:
         # Claimed, never sent: its worker stopped before the POST, or this is a second copy of the
         # message that claimed it. It waits again, in storage too (its record may say
-        # `submitting`); the claimant's last check now fails.
+        # `submitting`); the claimant's last check now fails. Unless storage holds a later record
+        # than this claim: Redis came back from an older copy, without the mark of a POST that left.
+        newer = _later_record(t)
+        if newer is not None:
+            return _behind_storage(t, newer)
         _unsent(t, rewrite=True)
         return Next()
     left = send_settle(t.ctx) - (time.time() - t.job.posted_at)
