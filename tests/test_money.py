@@ -533,6 +533,63 @@ def test_a_claim_redis_forgot_had_sent_is_taken_up_from_its_record_not_sent_agai
     assert stored_record(folder)["prediction_id"] == pid
 
 
+def test_a_copy_whose_read_of_an_unsent_claim_is_overtaken_does_not_end_the_job_uncertain(
+    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three copies of one message. A claims and stands still before its last check; B reads the
+    job (A's claim, unsent) and stands still; C hands A's claim back, claims again and stands still
+    before its own last check. B's read of storage now finds C's record, later than what B read:
+    Redis lost nothing (the job moved on), so B must not take it for a claim Redis forgot, which
+    would end the job uncertain though nothing was sent. The job is sent once and ends succeeded."""
+    sandbox.reset(delay="fixed:0.3")
+    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
+    a, b, c = Context(settings), Context(settings), Context(settings)
+    gates = {name: (threading.Event(), threading.Event()) for name in "abc"}  # (reached, go on)
+
+    def stand_still(name: str) -> None:
+        reached, go = gates[name]
+        reached.set()
+        assert go.wait(30)
+
+    for name, ctx in (("a", a), ("c", c)):
+        real_mark = ctx.runs.mark_posted
+
+        def mark(*args: Any, _name: str = name, _real: Any = real_mark, **kwargs: Any) -> str:
+            stand_still(_name)
+            return str(_real(*args, **kwargs))
+
+        monkeypatch.setattr(ctx.runs, "mark_posted", mark)
+    real_submitting = steps._submitting
+
+    def submitting(t: Any) -> Any:
+        if t.ctx is b:
+            stand_still("b")
+        return real_submitting(t)
+
+    monkeypatch.setattr(steps, "_submitting", submitting)
+    threads = {n: threading.Thread(target=steps.advance, args=(x, run_id, "sku-1", "0"), kwargs={"due_at": 0.0})
+               for n, x in (("a", a), ("b", b), ("c", c))}  # fmt: skip
+    for name in "abc":
+        threads[name].start()
+        assert gates[name][0].wait(30), f"{name} never reached its place"
+    for name in "bca":  # B reads storage first, then C and A make their last checks
+        gates[name][1].set()
+        threads[name].join(30)
+    monkeypatch.undo()
+
+    def ended() -> bool:
+        job = a.runs.get(run_id, "sku-1")
+        assert job is not None and job.state != UNCERTAIN, job
+        steps.advance(a, run_id, "sku-1", job.token, due_at=0.0)
+        return bool(a.runs.get(run_id, "sku-1").final)  # type: ignore[union-attr]
+
+    wait_for(ended, timeout=60, interval=0.2, what="the job to end")
+    job = a.runs.get(run_id, "sku-1")
+    acc = sandbox.accounting()
+    assert job is not None and job.state == SUCCEEDED and acc["created"] == 1, (job, acc["created"])
+    assert stored_record(folder)["prediction_id"] == job.prediction_id
+
+
 def test_a_claim_whose_last_check_fails_leaves_its_record_pending(
     sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
