@@ -496,43 +496,6 @@ def test_a_job_whose_sent_claim_redis_forgot_is_uncertain_not_sent_again(
     assert stored_record(folder)["state"] == UNCERTAIN
 
 
-def test_a_claim_redis_forgot_had_sent_is_taken_up_from_its_record_not_sent_again(
-    sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Redis comes back from a copy taken while the job was claimed and not yet marked as sent;
-    the claim had then sent, and its prediction ended and was stored. The next message finds the
-    claim unsent in Redis: storage holds a later record of the same claim, so the stored
-    prediction is taken up (polled, fetched), and the job is not handed back and sent again."""
-    sandbox.reset(delay="fixed:0.3")
-    settings, run_id, folder = one_job(sandbox, redis_url, prefix, tmp_path)
-    ctx = Context(settings)
-    key = ctx.runs.keys(run_id).job("sku-1")
-    copies: list[dict[str, str]] = []
-    real_write = steps._write_record
-
-    def write_record(c: Context, rec: Any, tries: int = 1) -> bool:
-        if rec.state == "submitting" and not copies:
-            copies.append(ctx.runs.client.hgetall(key))  # Redis's copy: claimed, not yet marked as sent
-        return bool(real_write(c, rec, tries))
-
-    monkeypatch.setattr(steps, "_write_record", write_record)
-
-    def ended() -> bool:
-        steps.advance(ctx, run_id, "sku-1", ctx.runs.get(run_id, "sku-1").token, due_at=0.0)  # type: ignore[union-attr]
-        return bool(ctx.runs.get(run_id, "sku-1").final)  # type: ignore[union-attr]
-
-    wait_for(ended, timeout=60, interval=0.2, what="the job to end")
-    (pid,) = sandbox.accounting()["prediction_ids"]
-    assert stored_record(folder)["state"] == SUCCEEDED
-    _rolled_back(ctx, run_id, copies[0])
-    wait_for(ended, timeout=60, interval=0.2, what="the job to end again")
-    job = ctx.runs.get(run_id, "sku-1")
-    acc = sandbox.accounting()
-    assert acc["created"] == 1 and acc["prompts_posted"]["white marble"] == 1, acc["created"]
-    assert job is not None and (job.state, job.prediction_id) == (SUCCEEDED, pid), job
-    assert stored_record(folder)["prediction_id"] == pid
-
-
 def test_a_copy_whose_read_of_an_unsent_claim_is_overtaken_does_not_end_the_job_uncertain(
     sandbox: SandboxProcess, redis_url: str, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -410,19 +410,7 @@ def _submitting(t: Turn) -> StepResult:
     if t.job.posted_at is None:
         # Claimed, never sent: its worker stopped before the POST, or this is a second copy of the
         # message that claimed it. It waits again, in storage too (its record may say
-        # `submitting`); the claimant's last check now fails. Unless storage holds a later record
-        # than this claim: Redis came back from an older copy, without the mark of a POST that left.
-        newer = _later_record(t)
-        if newer is not None:
-            # Later than what this message read, and Redis read again after it: if the job moved
-            # on (a copy handed the claim back or claimed again, which comes before any later
-            # record it writes), this is that race, not a Redis behind storage: read it again.
-            cur = t.ctx.runs.get(t.job.run_id, t.job.id)
-            if cur is None or cur.state != SUBMITTING or cur.posted_at is not None:
-                return Next()
-            if (cur.epoch, cur.claim) != (t.job.epoch, t.job.claim):
-                return Next()
-            return _behind_storage(t, newer)
+        # `submitting`); the claimant's last check now fails.
         _unsent(t, rewrite=True)
         return Next()
     left = send_settle(t.ctx) - (time.time() - t.job.posted_at)
