@@ -17,12 +17,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from manifests.spec import ImageRef, JobSpec
-
-if TYPE_CHECKING:
-    from jobs.storage import Storage
 
 
 class JobState(StrEnum):
@@ -50,48 +47,6 @@ SUCCEEDED, FAILED, SKIPPED, UNCERTAIN = JobState.SUCCEEDED, JobState.FAILED, Job
 OVERDUE = JobState.OVERDUE
 STATES = tuple(JobState)
 FINAL = STATES[STATES.index(SUCCEEDED) :]  # every state from `succeeded` on ends the job
-
-# Within one epoch a job's record moves only forward: the record written just before the POST
-# (`submitting`), then either the hand-back of a claim that did not leave or was refused
-# (`pending`), or the answer (the prediction id) and what follows it, up to the ending. An ending
-# without a prediction id comes before any record that holds one: a job ended `uncertain` while
-# its POST's answer was on its way is taken back with that answer (workers/steps._adopt).
-_STAGE: dict[str, int] = {SUBMITTING: 1, PENDING: 2, SUBMITTED: 4, FETCHING: 5}
-_ENDED, _ENDED_WITH_ID = 3, 6
-
-
-def record_order(rec: Mapping[str, Any]) -> tuple[int, int]:
-    """Where a durable record stands in its job's history: (epoch, stage). A write that lands
-    late (a retried put, a message that stood still) must not replace a later record: a refused
-    POST's `pending` over another claim's `submitting` would have a resume from storage send the
-    job again, and an old claim's `submitting` over a `submitted` would lose its prediction id.
-    A record with no epoch (written before epochs) counts as the oldest."""
-    try:
-        epoch = int(rec.get("epoch") or 0)
-    except (TypeError, ValueError):
-        epoch = 0
-    state = str(rec.get("state") or "")
-    if state in FINAL:
-        return epoch, _ENDED_WITH_ID if rec.get("prediction_id") else _ENDED
-    return epoch, _STAGE.get(state, 0)
-
-
-def replaces(new: Mapping[str, Any], stored: Any) -> bool:
-    """Whether `new` may be written over the stored record (None when there is none). Two claims
-    named differently in one epoch mean Redis came back from an older copy of its data and gave a
-    forgotten claim's epoch again: the stored record, which may say a POST left, is kept."""
-    if not isinstance(stored, Mapping):
-        return True
-    ours, theirs = record_order(new), record_order(stored)
-    if ours[0] == theirs[0] and new.get("claim") and stored.get("claim") and new["claim"] != stored["claim"]:
-        return False
-    return ours >= theirs
-
-
-def store_record(storage: Storage, rec: JobRecord) -> bool:
-    """The job's durable record, written unless storage holds a later one (False: not written)."""
-    new = rec.to_json()
-    return storage.put_json_if(f"records/{rec.id}.json", new, lambda stored: replaces(new, stored))
 
 
 @dataclass
@@ -124,8 +79,6 @@ class JobRecord:
     reuse_look: bool = False  # its edit may be in the results index already: read it before paying
     reused_from: str = ""  # "<run>/<job>" whose stored outputs this job copied instead of paying
     saved_micros: int = 0  # what the reused edit cost when it was made: not spent again
-    epoch: int = 0  # bumped by each claim and each reopening: orders the durable records (record_order)
-    claim: str = ""  # the name of the epoch's claim (a random id), if it began with one
 
     @property
     def final(self) -> bool:
@@ -186,8 +139,6 @@ class JobRecord:
             "fingerprint": self.spec.fingerprint,
             "reused_from": self.reused_from,
             "saved_micros": self.saved_micros,
-            "epoch": self.epoch,
-            "claim": self.claim,
         }
 
     @classmethod
@@ -241,8 +192,6 @@ class JobRecord:
             reuse_look=raw.get("reuse_look") == "1",
             reused_from=raw.get("reused_from", ""),
             saved_micros=int(raw.get("saved_micros") or 0),
-            epoch=int(raw.get("epoch") or 0),
-            claim=raw.get("claim", ""),
         )
 
 

@@ -31,7 +31,6 @@ from jobs.records import (
     JobRecord,
     JobState,
     RunRecord,
-    record_order,
 )
 from jobs.restore import Restore, earlier_paid, restore_as
 from jobs.results import FINGERPRINT, Plan
@@ -263,9 +262,6 @@ class Recovery:
                     "record_written": "1",
                     "reused_from": str(rec.get("reused_from") or ""),
                     "saved_micros": str(int(rec.get("saved_micros") or 0)),
-                    # one past the stored record's: a claim Redis lost before its record was stored
-                    # had that one, and the claims from now on must come after it
-                    "epoch": str(record_order(rec)[0] + 1),
                 }
                 entry = ledger_key(run_id, jid, charge)
                 kind = restore_as(rec)
@@ -299,7 +295,7 @@ class Recovery:
                     budget.settle(entry, price)
                     todo.append(jid)
                 else:  # Restore.UNSENT: it runs as a new attempt
-                    self.store.update(run_id, jid, charge=str(charge), history=history, epoch=fields["epoch"],
+                    self.store.update(run_id, jid, charge=str(charge), history=history,
                                       prior_cost_micros=fields["prior_cost_micros"])  # fmt: skip
                     todo.append(jid)
             batch.clear()

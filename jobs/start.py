@@ -205,8 +205,7 @@ def start_run(
     storage = open_storage(opts.output, run_id, endpoint_url=opts.s3_endpoint)
     durable = {k: v for k, v in meta.items() if k != "notify_url"}  # a webhook may carry a token
     extra = {"limits": settings.limits.__dict__, "estimate": est.to_dict(), "budget_cap_micros": state.cap_micros}
-    # Written as the job records are (conditionally): a store that cannot says so now, before any cost.
-    storage.put_json_if("run.json", {**durable, **extra}, lambda stored: True)
+    storage.put_json("run.json", {**durable, **extra})
     count = 0
     batch: list[JobSpec] = []
     look = Plan(known).reused if opts.reuse else None

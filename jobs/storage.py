@@ -8,15 +8,13 @@ botocore errors become StorageError here, where they enter.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import mimetypes
 import os
 import re
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -38,7 +36,6 @@ def safe_key(key: str) -> str:
 class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> str: ...
     def put_json(self, key: str, obj: Any) -> str: ...
-    def put_json_if(self, key: str, obj: Any, allowed: Callable[[Any], bool]) -> bool: ...
     def get_json(self, key: str) -> Any | None: ...
     def get_bytes(self, key: str) -> bytes | None: ...
     def list(self, prefix: str) -> Iterator[str]: ...
@@ -51,17 +48,6 @@ class Storage(Protocol):
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
-
-
-def _loads(data: bytes | None) -> Any | None:
-    """A stored document for a conditional write to judge: one that is not JSON counts as none."""
-    try:
-        return None if data is None else json.loads(data)
-    except ValueError:
-        return None
-
-
-LOCK_WAIT = 30.0  # seconds a conditional write waits for another writer of the same document
 
 
 class _JsonOnBytes:
@@ -158,52 +144,11 @@ class LocalStorage(_JsonOnBytes):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def put_json_if(self, key: str, obj: Any, allowed: Callable[[Any], bool]) -> bool:
-        """Write `obj` unless `allowed(stored document)` says no; False when it was not written.
-        The read and the write hold a lock of this document's own (a file under `.locks/`, so
-        listings never see it), so a writer in another process cannot slip in between."""
-        lock = self.root / ".locks" / safe_key(key)
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise StorageError(f"cannot lock {key}: {exc.strerror or exc}") from None
-        try:
-            _lock(fd, key)
-            if not allowed(_loads(self.get_bytes(key))):
-                return False
-            self.put_bytes(key, _dumps(obj), "application/json")
-            return True
-        finally:
-            os.close(fd)  # and with it the lock
-
     def uri(self, key: str) -> str:
         return str(self._path(key))
 
     def presign(self, key: str, seconds: int) -> str:
         raise ConfigError("links that work for a set time need an s3:// output; a folder's report links relatively")
-
-
-def _lock(fd: int, key: str) -> None:
-    """An exclusive lock, waited for at most LOCK_WAIT seconds: a writer that stands still (a
-    stopped process) holds up this one document, and then only for so long."""
-    deadline, pause = time.monotonic() + LOCK_WAIT, 0.005
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise StorageError(f"{key} is held by another writer") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
-        except OSError as exc:
-            raise StorageError(f"cannot lock {key}: {exc.strerror or exc}") from None
-
-
-_ABSENT = ("NoSuchKey", "404", "NotFound")
-# A conditional put that lost to another writer: S3 answers 412, or 409 for two at the same moment.
-_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
 
 class S3Storage(_JsonOnBytes):
@@ -217,15 +162,14 @@ class S3Storage(_JsonOnBytes):
         key = safe_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _call(self, what: str, fn: Any, *, passes: tuple[str, ...] = _ABSENT, **kwargs: Any) -> Any:
-        """`fn(**kwargs)`; None for an error whose code is in `passes` (by default: not there)."""
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(**kwargs)
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in passes:
+            if code in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise StorageError(f"S3 {what} failed: {code or exc}") from None
         except BotoCoreError as exc:
@@ -244,36 +188,6 @@ class S3Storage(_JsonOnBytes):
             Metadata=meta,
         )
         return f"s3://{self.bucket}/{full}"
-
-    def put_json_if(self, key: str, obj: Any, allowed: Callable[[Any], bool]) -> bool:
-        """Write `obj` unless `allowed(stored document)` says no; False when it was not written.
-        The put is conditional on the object read (If-Match its ETag, If-None-Match when there was
-        none), so a write that lands in between makes it read and judge again."""
-        full, body = self._key(key), _dumps(obj)
-        for _ in range(10):
-            got = self._call("get", self.client.get_object, Bucket=self.bucket, Key=full)
-            if got is None:
-                stored, condition = None, {"IfNoneMatch": "*"}
-            else:
-                try:
-                    stored, condition = _loads(bytes(got["Body"].read())), {"IfMatch": got["ETag"]}
-                except Exception as exc:
-                    raise StorageError(f"S3 get failed while reading: {type(exc).__name__}") from None
-            if not allowed(stored):
-                return False
-            put = self.client.put_object
-            kwargs = {"Bucket": self.bucket, "Key": full, "Body": body, "ContentType": "application/json"}
-            try:
-                if self._call("put", put, passes=_CONFLICT, **kwargs, **condition) is not None:
-                    return True
-            except StorageError as exc:
-                if "NotImplemented" in str(exc):
-                    raise StorageError(
-                        "this S3 store does not take conditional writes (If-Match, If-None-Match), which keep "
-                        "a job's record from being replaced by an older one; AWS S3 and MinIO take them"
-                    ) from None
-                raise
-        raise StorageError(f"S3 put of {key} kept meeting other writes")
 
     def copy_in(self, source: Storage, source_key: str, key: str, metadata: Mapping[str, str]) -> str | None:
         """A server-side copy (no bytes through this process) when both are in S3."""

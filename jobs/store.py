@@ -222,7 +222,7 @@ class RunStore:
         and `retry-failed` read (a finished job is most of what a big run leaves in Redis).
         A failed job keeps its service outputs: a retry fetches them again, never resubmits.
         Returns how many jobs of the run have finished (the last one has the report written)."""
-        drop = ["input_urls", "next_token", "claim"] + (["service_outputs", "error", "reason"] if succeeded else [])
+        drop = ["input_urls", "next_token"] + (["service_outputs", "error", "reason"] if succeeded else [])
         k = self.keys(run_id)
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(k.job(job_id), "record_written", "1")
@@ -291,22 +291,18 @@ class RunStore:
         token: str,
         *,
         paid_again: bool = False,
-    ) -> int:
+    ) -> bool:
         """Take a final job back (retry-failed, resume, reconcile), undoing its counters; with
-        `paid_again` its cost stays counted, as an earlier attempt's. Its new epoch, or 0 when
-        it was not in `from_state`."""
+        `paid_again` its cost stays counted, as an earlier attempt's."""
         keys = [self.keys(run_id).job(job_id), self.keys(run_id).counts]
-        return int(self._reopen(keys=keys, args=[from_state, to_state, token, "1" if paid_again else "0"]))
+        return bool(int(self._reopen(keys=keys, args=[from_state, to_state, token, "1" if paid_again else "0"])))
 
     @translated
-    def claim(self, run_id: str, job_id: str, token: str, claim: str) -> tuple[str, int]:
-        """('ok', the claim's epoch) when this message (holding `token`) took the pending job for
-        its submit, as the claim named `claim` (its own: `mark_posted` checks it); ('stale', 0)
-        when another message drives it; otherwise (the state it is in, 0)."""
-        got = self._claim(keys=[self.keys(run_id).job(job_id)], args=[token, repr(time.time()), claim])
-        if isinstance(got, list):
-            return str(got[0]), int(got[1])
-        return str(got), 0
+    def claim(self, run_id: str, job_id: str, token: str, claim: str) -> str:
+        """'ok' when this message (holding `token`) took the pending job for its submit, as the
+        claim named `claim` (its own: `mark_posted` checks it); 'stale' when another message
+        drives it; otherwise the state it is in."""
+        return str(self._claim(keys=[self.keys(run_id).job(job_id)], args=[token, repr(time.time()), claim]))
 
     @translated
     def mark_posted(

@@ -23,9 +23,8 @@ end
 return 'ok'
 """
 
-# A final job taken back, in a new epoch (which orders its durable records: jobs/records.py). With
-# ARGV[4] == '1' (an attempt that was paid, and is paid again) its cost stays in the run's total
-# and moves to the job's earlier attempts.
+# A final job taken back. With ARGV[4] == '1' (an attempt that was paid, and is paid again) its
+# cost stays in the run's total and moves to the job's earlier attempts.
 REOPEN = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= ARGV[1] then return 0 end
@@ -40,13 +39,12 @@ elseif cost > 0 then
   redis.call('HINCRBY', KEYS[2], 'cost_micros', -cost)
 end
 redis.call('HSET', KEYS[1], 'cost_micros', '0')
-return redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+return 1
 """
 
 # The claim before a POST: only the message holding the job's token may take it. Each claim is
 # named (ARGV[3]): two copies of one message hold the same token, and a claim handed back and
-# taken again by the other copy must not let the first one's last check pass. Each claim opens a
-# new epoch, which orders the job's durable records (jobs/records.py).
+# taken again by the other copy must not let the first one's last check pass.
 CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state ~= 'pending' then return state or '' end
@@ -54,7 +52,7 @@ if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 'stale' end
 redis.call('HSET', KEYS[1], 'state', 'submitting', 'updated_at', ARGV[2], 'claim', ARGV[3])
 redis.call('HDEL', KEYS[1], 'posted_at')
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {'ok', redis.call('HINCRBY', KEYS[1], 'epoch', 1)}
+return 'ok'
 """
 
 # The last check before a POST, and the mark that it leaves: the job is still this claim's (the

@@ -224,7 +224,7 @@ def test_a_sender_lost_after_its_post_left_is_uncertain_without_a_second_post(
     ctx, run_id = h.ctx, h.run_id
     budget = ctx.budget(ctx.meta(run_id).budget_scope)
     assert budget.reserve(ending.entry(h.job()), h.reservation())
-    assert ctx.runs.claim(run_id, JOB, TOKEN, "claim")[0] == "ok"
+    assert ctx.runs.claim(run_id, JOB, TOKEN, "claim") == "ok"
     mark = ctx.runs.mark_posted(
         run_id, JOB, TOKEN, ctx.control.key(run_id), budget.keys[0], claim="claim", posted_at=time.time()
     )

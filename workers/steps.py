@@ -22,20 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.control import AUTH, PAYMENT, refused_by
-from jobs.records import (
-    FAILED,
-    FETCHING,
-    PENDING,
-    SKIPPED,
-    SUBMITTED,
-    SUBMITTING,
-    UNCERTAIN,
-    JobRecord,
-    record_order,
-    replaces,
-    store_record,
-)
-from jobs.restore import Restore, restore_as
+from jobs.records import FAILED, FETCHING, PENDING, SKIPPED, SUBMITTED, SUBMITTING, UNCERTAIN, JobRecord
 from jobs.retry import backoff
 from jobs.secret import redact_links
 from manifests.errors import (
@@ -151,14 +138,10 @@ def _hand_back(t: Turn, *, refused: bool, uncount: bool) -> str:
 
 
 def _write_record(ctx: Context, rec: JobRecord, tries: int = 1) -> bool:
-    """The record in storage, unless a later one of the job is there already (a write that lands
-    late must not undo it: jobs/records.record_order). False when it was not written."""
     for n in range(tries):
         try:
-            if store_record(ctx.storage(rec.run_id), rec):
-                return True
-            log.warning("record of %s not stored: storage holds a later one", rec.id)
-            return False
+            ctx.storage(rec.run_id).put_json(f"records/{rec.id}.json", rec.to_json())
+            return True
         except StorageError as exc:  # written again when the job ends
             log.warning("record of %s not stored (%s)", rec.id, exc)
             if n + 1 < tries:
@@ -212,13 +195,13 @@ def _pending(t: Turn) -> StepResult:
         events.retry(t.job, "presign", n, str(exc))
         return Wait(backoff(n))
     claim = uuid.uuid4().hex  # this claim's own name: a copy of the message holds the same token
-    claimed, epoch = t.ctx.runs.claim(run_id, t.job.id, t.job.token, claim)
+    claimed = t.ctx.runs.claim(run_id, t.job.id, t.job.token, claim)
     if claimed == "stale":
         return Stale()
     if claimed != "ok":
         return Next()
     events.moved(t.job, PENDING, SUBMITTING)
-    t.job.state, t.job.attempts, t.job.epoch, t.job.claim = SUBMITTING, t.job.attempts + 1, epoch, claim
+    t.job.state, t.job.attempts = SUBMITTING, t.job.attempts + 1
     params: dict[str, Any] = {"prompt": t.job.spec.prompt, "images": links, **t.job.spec.params}
     if t.job.spec.size:
         params["size"] = t.job.spec.size
@@ -229,12 +212,6 @@ def _pending(t: Turn) -> StepResult:
     # steps between the record saying "sent" and the mark.
     t.job.posted_at = posted_at = time.time()
     if not _write_record(t.ctx, t.job):
-        newer = _later_record(t)
-        if newer is not None:  # another claim's record, or one Redis has lost: never POST on this claim
-            cur = t.ctx.runs.get(run_id, t.job.id)
-            if cur is None or cur.state != SUBMITTING or (cur.epoch, cur.claim) != (t.job.epoch, t.job.claim):
-                return Stale()  # the claim was handed back (and may be taken again): not this one's job now
-            return _behind_storage(t, newer)
         _unsent(t)
         n = t.ctx.runs.incr(run_id, t.job.id, "store_attempts")
         events.retry(t.job, "store_record", n, "the record could not be stored before the submit")
@@ -243,13 +220,9 @@ def _pending(t: Turn) -> StepResult:
         run_id, t.job.id, t.job.token, t.ctx.control.key(run_id), budget.keys[0], claim=claim, posted_at=posted_at
     )
     if verdict == "lost":
-        # Taken over while this worker stood still: never POST for it. Its record just said
-        # `submitting`: it says `pending` again (written only over this claim's own record, never
-        # over a later one), so neither a resume nor a claim Redis gave the same epoch takes a POST
-        # that never left for a sent one. If the job ended meanwhile, its final record is the one
-        # in storage (its new driver writes any other state it reaches).
-        t.job.state, t.job.posted_at = PENDING, None
-        _write_record(t.ctx, t.job)
+        # Taken over while this worker stood still: never POST for it, and if the job ended
+        # meanwhile, make sure its final record is the one in storage (its new driver writes
+        # any other state it reaches; until then the record errs on the side of "sent").
         cur = t.ctx.runs.get(run_id, t.job.id)
         if cur is not None and cur.settled:
             _write_record(t.ctx, cur)
@@ -354,10 +327,8 @@ def _adopt(t: Turn, state: str) -> StepResult:
         if cur is not None and not cur.prediction_id:
             t.ctx.runs.update(run_id, t.job.id, prediction_id=t.job.prediction_id)
         return Stale()
-    epoch = t.ctx.runs.reopen(run_id, t.job.id, UNCERTAIN, SUBMITTED, t.job.token)
-    if not epoch:
+    if not t.ctx.runs.reopen(run_id, t.job.id, UNCERTAIN, SUBMITTED, t.job.token):
         return Stale()
-    t.job.epoch = epoch  # its record then replaces the stored `uncertain` one
     t.ctx.budget(t.run.budget_scope).unsettle(entry(t.job))
     t.ctx.runs.update(run_id, t.job.id, prediction_id=t.job.prediction_id, submitted_at=repr(t.job.submitted_at),
                     record_written="0")  # fmt: skip
@@ -366,41 +337,6 @@ def _adopt(t: Turn, state: str) -> StepResult:
     t.ctx.slots.acquire(t.holder)
     _write_record(t.ctx, t.job)
     return Wait(next_poll(t))
-
-
-def _later_record(t: Turn) -> dict[str, Any] | None:
-    """After the record before the POST was not written: the stored record, when it is a later
-    one than this claim's (None when storage failed, or there is none)."""
-    try:
-        stored = _stored_record(t)
-    except TransientStorage:
-        return None
-    return None if not stored or replaces(t.job.to_json(), stored) else stored
-
-
-def _behind_storage(t: Turn, stored: dict[str, Any]) -> StepResult:
-    """Storage holds a later record of the job than this claim, which is still the job's latest in
-    Redis: Redis lost the claims that wrote it (it came back from an older copy of its data). The
-    stored record decides, as it would for a resume from storage (jobs/restore.py), and the job
-    goes on past its epoch: a prediction id is polled (never sent again), a POST that may have
-    left is uncertain, and only a job never sent is sent."""
-    epoch = str(record_order(stored)[0] + 1)
-    log.warning("job %s/%s: storage holds a later record (%s) than Redis: Redis lost part of its data",
-                t.job.run_id, t.job.id, stored.get("state"))  # fmt: skip
-    pid = str(stored.get("prediction_id") or "")
-    if pid:
-        try:
-            when = repr(float(stored.get("submitted_at") or time.time()))
-        except (TypeError, ValueError):
-            when = repr(time.time())
-        moved = move(t, SUBMITTING, SUBMITTED, bump="submitted", prediction_id=pid, submitted_at=when, epoch=epoch)
-        return Next() if moved == "ok" else Stale()
-    if restore_as(stored) is Restore.MAYBE_SENT or stored.get("state") == UNCERTAIN:
-        lost = "Redis lost this job's later submit, which may have left (its stored record says so)"
-        return uncertain(t, SUBMITTING, epoch=epoch, reason="submit_outcome_unknown", error=lost)
-    t.ctx.runs.update(t.job.run_id, t.job.id, epoch=str(record_order(stored)[0]))  # the next claim comes after it
-    _unsent(t)
-    return Next()
 
 
 # -- submitting: found after a crash between the claim and the answer --------------------------
